@@ -1,0 +1,5 @@
+import sys
+
+from gendist.cli import main
+
+sys.exit(main())

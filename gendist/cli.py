@@ -1,0 +1,70 @@
+"""The `gendist` command: train (one process), shards (dataset conversion)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gendist import train
+from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, write_shards
+from gendist.data.sources import CelebASource, FolderSource
+from gendist.data.synthetic import SyntheticFacesSource
+
+
+def _shard_options(parser: argparse.ArgumentParser, crop_fraction: float) -> None:
+    parser.add_argument("--out", required=True, help="output folder for the tar shards and manifest.json")
+    parser.add_argument("--size", type=int, default=64, help="square output size in pixels (default 64)")
+    parser.add_argument("--crop-fraction", type=float, default=crop_fraction,
+                        help=f"side of the centre square crop as a fraction of the shorter side (default {crop_fraction:.4f})")
+    parser.add_argument("--encoding", choices=["raw", "jpeg", "png"], default="raw",
+                        help="raw: blocks of uint8 arrays, fastest to read (default); jpeg/png: one image per sample, smaller")
+    parser.add_argument("--images-per-sample", type=int, default=64, help="images per raw block (default 64)")
+    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard (default 4096)")
+    parser.add_argument("--workers", type=int, default=None, help="conversion processes (default: all cores)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image order within shards")
+
+
+def _shards(args: argparse.Namespace) -> int:
+    if args.source == "celeba":
+        source = CelebASource(args.src)
+    elif args.source == "folder":
+        source = FolderSource(args.src, args.val_fraction)
+    else:
+        source = SyntheticFacesSource(args.count, args.seed)
+    write_shards(source, args.out, Preprocess(args.size, args.crop_fraction), args.encoding,
+                 args.images_per_sample, args.shard_size, args.workers, args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gendist", description="Train and compare GANs and VAEs on CelebA.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train.add_train_arguments(commands.add_parser("train", help="train in one process (use accelerate launch for more)"))
+
+    shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards")
+    sources = shards.add_subparsers(dest="source", required=True)
+    celeba = sources.add_parser("celeba", help="official CelebA layout: img_align_celeba/ or .zip plus the two lists")
+    celeba.add_argument("--src", required=True, help="folder holding img_align_celeba[.zip], list_attr_celeba.txt, list_eval_partition.txt")
+    _shard_options(celeba, CELEBA_CROP_FRACTION)
+    folder = sources.add_parser("folder", help="any folder of images (recursive), no attributes")
+    folder.add_argument("--src", required=True)
+    folder.add_argument("--val-fraction", type=float, default=0.0, help="share of images put in a 'val' split")
+    _shard_options(folder, 1.0)
+    synthetic = sources.add_parser("synthetic", help="the embedded procedurally drawn faces")
+    synthetic.add_argument("--count", type=int, default=8192)
+    _shard_options(synthetic, CELEBA_CROP_FRACTION)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return train.run(args)
+        return _shards(args)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        print(f"gendist: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Datasets: CelebA and image-folder sources, the embedded synthetic faces, shards, streaming loader."""

@@ -1,0 +1,66 @@
+"""Every distributed concern in one place: the Accelerator, per-rank seeding, cross-rank
+reductions, buffer averaging, rank-aware printing and shutdown. Models, losses and data stay
+free of torch.distributed."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as torch_dist
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import nn
+
+
+def build_accelerator(mixed_precision: str) -> Accelerator:
+    # broadcast_buffers=False: the discriminator runs several forwards (real, fake) before one
+    # backward, and a buffer broadcast at each forward would rewrite batch-norm state between
+    # them. Buffers are averaged explicitly instead (average_buffers) before they are used.
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # Without cpu=True, a multi-process launch on a machine without CUDA silently starts
+    # independent single-process runs; with it, the ranks join one gloo group.
+    accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(f"the launcher started {launched} processes but only {accelerator.num_processes} joined the "
+                           "process group; check the accelerate config (distributed_type) and the devices")
+    if mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        rank_print(accelerator, "note: bf16 on CPU is emulated and slow; use it on GPUs")
+    return accelerator
+
+
+def seed_everything(seed: int, accelerator: Accelerator | None = None) -> None:
+    """Same seed on every rank, or a distinct stream per rank when an accelerator is given."""
+    set_seed(seed + (accelerator.process_index if accelerator is not None else 0))
+
+
+@torch.no_grad()
+def average_buffers(accelerator: Accelerator, model: nn.Module) -> None:
+    """Make floating-point buffers (batch-norm running stats) identical on every rank."""
+    if accelerator.num_processes == 1:
+        return
+    for buffer in accelerator.unwrap_model(model).buffers():
+        if buffer.is_floating_point():
+            torch_dist.all_reduce(buffer, op=torch_dist.ReduceOp.SUM)
+            buffer /= accelerator.num_processes
+
+
+def mean_across_ranks(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One collective for a dict of scalars: the mean over ranks, as Python floats."""
+    names = sorted(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names]).to(accelerator.device)
+    reduced = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(names, reduced.tolist()))
+
+
+def rank_print(accelerator: Accelerator, message: str) -> None:
+    """Print on the main process only, tagged with the world size when distributed."""
+    if accelerator.is_main_process:
+        tag = f"[rank 0/{accelerator.num_processes}] " if accelerator.num_processes > 1 else ""
+        print(f"{tag}{message}", flush=True)
+
+
+def shutdown() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Losses as small functions of network outputs; no distributed code."""

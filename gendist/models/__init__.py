@@ -1,0 +1,1 @@
+"""Plain nn.Modules: architectures only, no distributed or precision code."""

@@ -1,0 +1,60 @@
+"""Rank-0 progress and metrics: a rich live display on a terminal, plain lines otherwise, JSONL always.
+
+Callers pass values already reduced across ranks; non-main ranks get a reporter that does nothing.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Reporter:
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total_steps, self.start_step = total_steps, start_step
+        self.console = Console()
+        self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.progress: Progress | None = None
+        if enabled and self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[summary]}"),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, summary="")
+            self.progress.start()
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record one row of metrics (rank 0) and show it."""
+        if not self.enabled:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **metrics}
+        with self.metrics_path.open("a") as sink:
+            sink.write(json.dumps(row) + "\n")
+        summary = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in ("epoch", "images_seen"))
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, summary=summary)
+        else:
+            self.console.print(f"step {step}/{self.total_steps}  {summary}", highlight=False, soft_wrap=True)
+
+    def advance(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.console.print(text, highlight=False, soft_wrap=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)

@@ -1,0 +1,48 @@
+"""Training entry point, the same under every launcher:
+
+    accelerate launch -m gendist.train --config configs/dcgan_celeba64.yaml optim.lr_g=1e-4
+    torchrun --nproc_per_node 8 -m gendist.train --config configs/dcgan_celeba64.yaml
+    gendist train --config configs/dcgan_default.yaml          (one process)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gendist import dist
+from gendist.config import ConfigError, load_config, to_yaml
+from gendist.training.gan import train_gan
+
+TRAINERS = {"dcgan": train_gan}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="experiment YAML (see configs/); defaults apply without one")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr_g=1e-4 train.steps=500")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+        return 0
+    try:
+        TRAINERS[cfg.model.name](cfg)
+    finally:
+        dist.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gendist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_train_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Shared fixtures: a fake CelebA in the official layout (folder and zip), tiny shard sets, configs."""
+from __future__ import annotations
+
+import random
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from accelerate.state import AcceleratorState, PartialState
+from PIL import Image
+
+from gendist.data.shards import Preprocess, write_shards
+from gendist.data.synthetic import SyntheticFacesSource
+
+ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
+         "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
+         "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
+         "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
+         "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
+         "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young"]
+TINY = ["model.image_size=32", "model.ngf=8", "model.ndf=8", "data.batch_size=8", "data.num_workers=1",
+        "data.shuffle_pool=64", "train.log_every=2", "train.sample_every=1000", "train.checkpoint_every=1000",
+        "train.num_samples=16"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_fake_celeba(root: Path, present: int = 30, listed: int = 36, as_zip: bool = False, corrupt: tuple[int, ...] = ()) -> dict:
+    """Images 1..present exist (official names); the partition lists 1..listed; the attribute
+    header claims the full dataset's 202599 rows. Files use CRLF like the official ones."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    names = [f"{i:06d}.jpg" for i in range(1, listed + 1)]
+    split_of = {name: (0 if i % 6 < 4 else 1 if i % 6 == 4 else 2) for i, name in enumerate(names, start=1)}
+    attrs = {name: rng.choice([-1, 1], size=len(ATTRS)) for name in names[:present]}
+    images = {}
+    for i, name in enumerate(names[:present], start=1):
+        if i in corrupt:
+            images[name] = b"\xff\xd8\xff this is not a jpeg"
+            continue
+        pixels = rng.integers(0, 255, size=(218, 178, 3), dtype=np.uint8)
+        path = root / "tmp.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        images[name] = path.read_bytes()
+        path.unlink()
+    if as_zip:
+        with zipfile.ZipFile(root / "img_align_celeba.zip", "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("img_align_celeba/", b"")
+            for name, data in images.items():
+                archive.writestr(f"img_align_celeba/{name}", data)
+    else:
+        (root / "img_align_celeba").mkdir()
+        for name, data in images.items():
+            (root / "img_align_celeba" / name).write_bytes(data)
+    lines = ["202599", " ".join(ATTRS)] + [f"{n} " + " ".join(f"{v:2d}" for v in attrs[n]) for n in names[:present]]
+    (root / "list_attr_celeba.txt").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    (root / "list_eval_partition.txt").write_bytes("".join(f"{n} {split_of[n]}\r\n" for n in names).encode())
+    return {"attrs": attrs, "split_of": split_of, "present": names[:present]}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process training builds its own Accelerator."""
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """256 synthetic faces at 32 px in uneven shards (100, 100, 31 train images)."""
+    out = tmp_path_factory.mktemp("synthetic") / "shards"
+    write_shards(SyntheticFacesSource(256), out, Preprocess(32), images_per_sample=16, shard_size=100, workers=2,
+                 show_progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(synthetic_shards, tmp_path) -> list[str]:
+    return [*TINY, f"data.shards={synthetic_shards}", f"train.run_dir={tmp_path / 'run'}"]
+
+
+def random_state() -> random.Random:
+    return random.Random(0)

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from gendist.config import ConfigError, RunConfig, load_config, to_yaml
+
+
+def test_defaults_yaml_and_overrides_apply_in_order(tmp_path: Path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  lr_g: 1.0e-3\ntrain:\n  steps: 10\n")
+    cfg = load_config(path, ["optim.lr_g=2e-4", "train.mixed_precision=bf16", "optim.betas=[0.0, 0.9]"])
+    assert cfg.optim.lr_g == 2e-4  # "2e-4" is a string to PyYAML; the float field accepts it
+    assert cfg.train.steps == 10
+    assert cfg.train.mixed_precision == "bf16"
+    assert cfg.optim.betas == (0.0, 0.9)
+    assert cfg.optim.lr_d == RunConfig().optim.lr_d
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["optim.lr=1e-3"])
+    message = str(err.value)
+    assert "unknown key 'optim.lr'" in message
+    assert "lr_g, lr_d, betas" in message
+    with pytest.raises(ConfigError, match="did you mean 'train'"):
+        load_config(None, ["trian.steps=3"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  batchsize: 32\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'data.batchsize' \(did you mean 'data.batch_size'\?\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.steps=ten", "'train.steps' must be int, got str 'ten'"),
+        ("train.steps=1.5", "'train.steps' must be int"),
+        ("train.steps=true", "'train.steps' must be an int"),
+        ("train.mixed_precision=fp8", "must be one of no, bf16, fp16"),
+        ("optim.betas=[0.5]", "must have 2 items"),
+        ("optim.lr_g=fast", "must be a float"),
+        ("data=3", "'data' is a section"),
+        ("model.image_size=48", "power of two"),
+        ("steps", "not of the form section.key=value"),
+    ],
+)
+def test_type_and_value_errors(override: str, pattern: str):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path: Path):
+    cfg = load_config(None, ["optim.betas=[0.0, 0.99]", "data.hflip=true"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_shipped_configs_load():
+    for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")):
+        load_config(path)

@@ -1,0 +1,128 @@
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_fake_celeba
+from gendist.cli import main as gendist_main
+from gendist.data.shards import Preprocess, read_manifest, write_shards
+from gendist.data.sources import CelebASource, FolderSource
+
+
+def read_all(shard_dir: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """key -> (image, attrs) over every shard of a split, whatever the encoding."""
+    manifest = read_manifest(shard_dir)
+    found = {}
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(shard_dir / shard["name"]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        stems = sorted({name.split(".", 1)[0] for name in members})
+        for stem in stems:
+            attrs = np.load(io.BytesIO(members[f"{stem}.attrs.npy"]))
+            if f"{stem}.images.npy" in members:
+                images = np.load(io.BytesIO(members[f"{stem}.images.npy"]))
+                keys = members[f"{stem}.keys.txt"].decode().split("\n")
+            else:
+                data = members.get(f"{stem}.jpg") or members[f"{stem}.png"]
+                images, keys = np.asarray(Image.open(io.BytesIO(data)))[None], [stem + ".jpg"]
+            for key, image, attr in zip(keys, images, attrs):
+                found[key] = (image, attr)
+    return found
+
+
+@pytest.mark.parametrize("as_zip", [False, True], ids=["folder", "official-zip"])
+def test_celeba_conversion_counts_attributes_and_splits(tmp_path: Path, as_zip: bool):
+    truth = make_fake_celeba(tmp_path / "celeba", present=30, listed=36, as_zip=as_zip, corrupt=(7,))
+    out = tmp_path / "shards"
+    manifest = write_shards(CelebASource(tmp_path / "celeba"), out, Preprocess(32), images_per_sample=4,
+                            shard_size=8, workers=2, show_progress=False)
+    good = [n for n in truth["present"] if n != "000007.jpg"]
+    for split in ("train", "val", "test"):
+        expected = sorted(n for n in good if truth["split_of"][n] == {"train": 0, "val": 1, "test": 2}[split])
+        records = read_all(out, split)
+        assert sorted(records) == expected
+        assert manifest["splits"][split]["count"] == len(expected)
+        assert sum(s["count"] for s in manifest["splits"][split]["shards"]) == len(expected)
+        for key, (image, attrs) in records.items():
+            assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+            np.testing.assert_array_equal(attrs, truth["attrs"][key])
+    assert manifest["left_out"] == {"listed_but_missing": 6, "present_but_unlisted": 0, "no_attributes": 0, "corrupt": 1}
+    assert manifest["corrupt_examples"][0].startswith("000007.jpg")
+    assert len(manifest["attribute_names"]) == 40
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_zip_and_folder_give_identical_shard_content(tmp_path: Path):
+    make_fake_celeba(tmp_path / "a", as_zip=False)
+    make_fake_celeba(tmp_path / "b", as_zip=True)
+    for name in ("a", "b"):
+        write_shards(CelebASource(tmp_path / name), tmp_path / f"out-{name}", Preprocess(32), workers=1, show_progress=False)
+    a, b = read_all(tmp_path / "out-a", "train"), read_all(tmp_path / "out-b", "train")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key][0], b[key][0])
+
+
+def test_crop_is_a_fraction_so_half_size_images_frame_alike():
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 255, size=(109, 89, 3), dtype=np.uint8).repeat(2, 0).repeat(2, 1)  # 218x178
+    full = Image.fromarray(small)
+    half = full.resize((89, 109), Image.Resampling.BOX)
+    a, b = Preprocess(32)(full).astype(float), Preprocess(32)(half).astype(float)
+    assert np.abs(a - b).mean() < 6.0  # same framing: only resampling noise differs
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "png"])
+def test_single_image_encodings(tmp_path: Path, encoding: str):
+    make_fake_celeba(tmp_path / "celeba", present=12, listed=12)
+    out = tmp_path / "shards"
+    manifest = write_shards(CelebASource(tmp_path / "celeba"), out, Preprocess(32), encoding=encoding, workers=1,
+                            show_progress=False)
+    assert manifest["images_per_sample"] == 1
+    assert len(read_all(out, "train")) == manifest["splits"]["train"]["count"] > 0
+
+
+def test_missing_files_are_named(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="CelebA folder not found"):
+        CelebASource(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="img_align_celeba/ .* or img_align_celeba.zip"):
+        CelebASource(tmp_path / "empty")
+    make_fake_celeba(tmp_path / "c")
+    (tmp_path / "c" / "list_eval_partition.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="list_eval_partition.txt not found"):
+        CelebASource(tmp_path / "c")
+
+
+def test_refuses_to_overwrite_a_shard_set(tmp_path: Path):
+    make_fake_celeba(tmp_path / "celeba", present=6, listed=6)
+    write_shards(CelebASource(tmp_path / "celeba"), tmp_path / "out", Preprocess(16), workers=1, show_progress=False)
+    with pytest.raises(FileExistsError, match="already holds a shard set"):
+        write_shards(CelebASource(tmp_path / "celeba"), tmp_path / "out", Preprocess(16), workers=1, show_progress=False)
+
+
+def test_generic_folder_converter_and_cli(tmp_path: Path):
+    src = tmp_path / "cats" / "nested"
+    src.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 255, size=(40, 60, 3), dtype=np.uint8)).save(src / f"cat{i}.png")
+    (src / "broken.jpg").write_bytes(b"not an image")
+    code = gendist_main(["shards", "folder", "--src", str(tmp_path / "cats"), "--out", str(tmp_path / "out"),
+                         "--size", "16", "--val-fraction", "0.25", "--workers", "1"])
+    assert code == 0
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 20
+    assert manifest["splits"]["val"]["count"] > 0
+    assert manifest["left_out"]["corrupt"] == 1
+    assert manifest["attribute_names"] == []
+    assert FolderSource(tmp_path / "cats", 0.25).plan().splits == FolderSource(tmp_path / "cats", 0.25).plan().splits
+
+
+def test_cli_names_a_missing_source(tmp_path: Path, capsys):
+    assert gendist_main(["shards", "celeba", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "CelebA folder not found" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""DCGAN training: exact resume, checkpoints, outputs; 2 real processes under accelerate and torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port
+from gendist.checkpoint import list_checkpoints, load_checkpoint
+from gendist.config import load_config
+from gendist.dist import seed_everything
+from gendist.models.dcgan import Generator
+from gendist.training.gan import train_gan
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path):
+    """10 steps straight vs 5, stop, resume for 5: bit-identical weights. Two loader workers and
+    an epoch of 7 batches, so the resume skips into a worker's stream and crosses an epoch."""
+    common = [*tiny_overrides, "data.batch_size=32", "data.num_workers=2", "train.checkpoint_every=5"]
+    straight = train_gan(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'a'}"]))
+    first = train_gan(load_config(None, [*common, "train.steps=5", f"train.run_dir={tmp_path / 'b'}"]))
+    assert first.state.step == 5 and first.state.epoch == 0
+    resumed = train_gan(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'b'}"]))
+    assert resumed.state.step == 10 and resumed.state.epoch == 1
+    assert resumed.state == straight.state.__class__(**{**straight.state.state_dict(), "train_seconds": resumed.state.train_seconds})
+    assert_same_weights(straight.generator.state_dict(), resumed.generator.state_dict())
+    assert_same_weights(straight.discriminator.state_dict(), resumed.discriminator.state_dict())
+
+
+def test_run_folder_outputs_and_checkpoint_contents(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    train_gan(load_config(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2",
+                                 "train.sample_every=3", "train.keep_checkpoints=2"]))
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000004", "step_0000006"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert all(r["images_per_s"] > 0 and r["data_errors"] == 0 and r["loss_d"] > 0 for r in rows)
+    assert load_config(run / "config.yaml").train.steps == 6
+    shared, rng = load_checkpoint(run / "checkpoints" / "step_0000006", rank=0)
+    assert {"generator", "discriminator", "opt_g", "opt_d", "train_state"} <= shared.keys()
+    assert shared["train_state"]["step"] == 6 and shared["opt_g"]["state"]
+    assert {"python", "torch"} <= rng.keys()
+
+
+def test_partial_checkpoint_is_ignored(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    train_gan(load_config(None, [*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"]))
+    (run / "checkpoints" / ".step_0000004.partial").mkdir()  # a save killed half-way
+    (run / "checkpoints" / ".step_0000004.partial" / "rank0.pt").write_bytes(b"truncated")
+    result = train_gan(load_config(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"]))
+    assert result.state.step == 4
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000004"]
+
+
+def test_bf16_autocast_path_trains(tiny_overrides):
+    result = train_gan(load_config(None, [*tiny_overrides, "train.steps=2", "train.mixed_precision=bf16"]))
+    assert all(torch.isfinite(p).all() for p in result.generator.parameters())
+
+
+def launch(kind: str, out: Path, overrides: list[str], script: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    port = str(free_port())
+    if kind == "accelerate":
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+               "--main_process_port", port, *script]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, *script]
+    proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    (out / f"{kind}.log").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+def test_two_processes_end_with_identical_weights(launcher, tiny_overrides, tmp_path):
+    overrides = [*tiny_overrides, "train.steps=4"]
+    proc = launch(launcher, tmp_path, overrides, [str(REPO / "tests" / "dist_train_worker.py"), str(tmp_path)])
+    # Judge by the saved results: a rare abort at interpreter exit must not hide a good run.
+    ranks = [tmp_path / f"rank{r}.pt" for r in range(2)]
+    assert all(p.exists() for p in ranks), proc.stdout[-3000:] + proc.stderr[-3000:]
+    saved = [torch.load(p, weights_only=True) for p in ranks]
+    assert [s["world_size"] for s in saved] == [2, 2]
+    assert [s["step"] for s in saved] == [4, 4]
+    assert_same_weights(saved[0]["generator"], saved[1]["generator"])
+    assert_same_weights(saved[0]["discriminator"], saved[1]["discriminator"])
+    seed_everything(0)  # the initial weights, as train_gan makes them
+    initial = Generator(z_dim=100, ngf=8, image_size=32).state_dict()
+    assert not torch.equal(saved[0]["generator"]["net.0.weight"], initial["net.0.weight"])
+
+
+@pytest.mark.slow
+def test_entry_point_two_processes_then_resume(tiny_overrides, tmp_path):
+    """The real `accelerate launch -m gendist.train` twice: 4 steps, then resumed to 6."""
+    run = tmp_path / "run"
+    for steps in (4, 6):
+        proc = launch("accelerate", tmp_path, [*tiny_overrides, f"train.steps={steps}", "train.checkpoint_every=2"],
+                      ["-m", "gendist.train"])
+        assert latest_step(run) == steps, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "accelerate.log").read_text()
+    assert "resumed from" in log and "step_0000004 at step 4" in log
+    assert "[rank 0/2]" in log
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert rows[-1]["images_seen"] == 6 * 8 * 2
+
+
+def latest_step(run: Path) -> int | None:
+    found = list_checkpoints(run)
+    return int(found[-1].name.split("_")[1]) if found else None
