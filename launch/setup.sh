@@ -17,5 +17,5 @@ echo "setting up .venv from requirements.lock (first time: a few minutes, ~6 GB)
 # Some machines' pip configs name extra local indexes; their harmless 'ignored' warnings are dropped.
 quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 quiet .venv/bin/python -m pip install --quiet --no-input -r requirements.lock -r requirements-test.lock
-quiet .venv/bin/python -m pip install --quiet --no-input --no-deps --no-build-isolation -e .
+quiet .venv/bin/python -m pip install --quiet --no-input --no-deps -e .
 echo "$wanted" > "$stamp"
