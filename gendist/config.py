@@ -36,18 +36,39 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["dcgan"] = "dcgan"
+    name: Literal["dcgan", "wgan", "wgan_gp", "cgan", "vae"] = "dcgan"
     image_size: int = 64
-    z_dim: int = 100
-    ngf: int = 64  # generator width: 8*ngf channels at 4x4
-    ndf: int = 64  # discriminator width
+    z_dim: int = 100  # latent size (the VAE's too)
+    ngf: int = 64  # generator/decoder width: 8*ngf channels at 4x4
+    ndf: int = 64  # discriminator/encoder width
+    d_norm: Literal["batch", "layer", "instance", "none"] = "batch"  # discriminator normalisation
+    attributes: list[str] = field(default_factory=list)  # cgan: CelebA attribute names to condition on
+    label_dim: int = 50  # cgan: size of the generator's label embedding
+
+
+@dataclass
+class LossConfig:
+    """The GAN objective: dcgan and cgan are non-saturating, wgan/wgan_gp Wasserstein."""
+
+    n_critic: int = 1  # discriminator steps per generator step, each on a fresh real batch
+    clip_value: float = 0.01  # wgan: critic weights are clipped to [-c, c]
+    gp_weight: float = 10.0  # wgan_gp: lambda
+
+
+@dataclass
+class VaeConfig:
+    likelihood: Literal["bernoulli", "gaussian", "gaussian_learned"] = "gaussian"
+    gaussian_std: float = 0.1  # fixed decoder std for "gaussian" (images in [-1, 1])
+    beta: float = 1.0  # weight of the KL term
+    kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 to beta over these steps
 
 
 @dataclass
 class OptimConfig:
-    lr_g: float = 2e-4
+    name: Literal["adam", "rmsprop"] = "adam"
+    lr_g: float = 2e-4  # generator (or the whole VAE)
     lr_d: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
+    betas: tuple[float, float] = (0.5, 0.999)  # adam only
 
 
 @dataclass
@@ -61,12 +82,15 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     num_samples: int = 64  # images in each sample grid
+    ema_decay: float = 0.999  # GANs: EMA of the generator for samples and evaluation; 0 turns it off
 
 
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -79,6 +103,19 @@ class RunConfig:
                 raise ConfigError(f"train.{name} must be >= 1")
         if self.data.batch_size < 1 or self.data.num_workers < 0:
             raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        if self.loss.n_critic < 1:
+            raise ConfigError("loss.n_critic must be >= 1")
+        if not 0.0 <= self.train.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
+        name = self.model.name
+        if name == "wgan_gp" and self.model.d_norm == "batch":
+            raise ConfigError("wgan_gp: batch norm mixes samples, so the per-sample gradient penalty is wrong with it; "
+                              "set model.d_norm=layer (or instance, none)")
+        if name == "wgan_gp" and self.train.mixed_precision == "fp16":
+            raise ConfigError("wgan_gp with fp16 is refused: the penalty's double backward under a loss scaler is not "
+                              "supported here; use train.mixed_precision=bf16 (the penalty is taken in fp32)")
+        if name == "cgan" and not self.model.attributes:
+            raise ConfigError("cgan needs attributes to condition on, e.g. model.attributes=[Male,Smiling,Eyeglasses]")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ class Reporter:
         self.total_steps, self.start_step = total_steps, start_step
         self.console = Console()
         self.metrics_path = Path(run_dir) / "metrics.jsonl"
+        self.started = time.perf_counter()
         self.progress: Progress | None = None
         if enabled and self.console.is_terminal:
             self.progress = Progress(
@@ -39,7 +40,12 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, summary=summary)
         else:
-            self.console.print(f"step {step}/{self.total_steps}  {summary}", highlight=False, soft_wrap=True)
+            self.console.print(f"step {step}/{self.total_steps}  {summary}  eta {self._eta(step)}", highlight=False, soft_wrap=True)
+
+    def _eta(self, step: int) -> str:
+        done = step - self.start_step
+        seconds = (self.total_steps - step) * (time.perf_counter() - self.started) / max(done, 1)
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
     def advance(self, step: int) -> None:
         if self.progress is not None:

@@ -11,9 +11,10 @@ import sys
 
 from gendist import dist
 from gendist.config import ConfigError, load_config, to_yaml
-from gendist.training.gan import train_gan
+from gendist.training.gan import GAN_FAMILIES, train_gan
+from gendist.training.vae import train_vae
 
-TRAINERS = {"dcgan": train_gan}
+TRAINERS = {**{name: train_gan for name in GAN_FAMILIES}, "vae": train_vae}
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,13 +1,16 @@
 """Shared fixtures: a fake CelebA in the official layout (folder and zip), tiny shard sets, configs."""
 from __future__ import annotations
 
-import random
+import os
 import socket
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from accelerate.state import AcceleratorState, PartialState
 from PIL import Image
 
@@ -20,6 +23,8 @@ ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes",
          "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
          "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
          "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young"]
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
 TINY = ["model.image_size=32", "model.ngf=8", "model.ndf=8", "data.batch_size=8", "data.num_workers=1",
         "data.shuffle_pool=64", "train.log_every=2", "train.sample_every=1000", "train.checkpoint_every=1000",
         "train.num_samples=16"]
@@ -86,5 +91,21 @@ def tiny_overrides(synthetic_shards, tmp_path) -> list[str]:
     return [*TINY, f"data.shards={synthetic_shards}", f"train.run_dir={tmp_path / 'run'}"]
 
 
-def random_state() -> random.Random:
-    return random.Random(0)
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def launch(kind: str, out: Path, overrides: list[str], script: list[str]) -> subprocess.CompletedProcess:
+    """Start 2 real processes (accelerate or torchrun) on CPU; the log goes to out/<kind>.log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    port = str(free_port())
+    if kind == "accelerate":
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
+               "--main_process_port", port, *script]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, *script]
+    proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    (out / f"{kind}.log").write_text(proc.stdout + proc.stderr)
+    return proc

@@ -45,11 +45,20 @@ def test_unknown_key_in_yaml_file(tmp_path: Path):
         ("data=3", "'data' is a section"),
         ("model.image_size=48", "power of two"),
         ("steps", "not of the form section.key=value"),
+        ("model.name=wgan_gp", "set model.d_norm=layer"),
+        ("model.name=cgan", "cgan needs attributes"),
+        ("loss.n_critic=0", "n_critic must be >= 1"),
+        ("train.ema_decay=1.0", r"ema_decay must be in \[0, 1\)"),
     ],
 )
 def test_type_and_value_errors(override: str, pattern: str):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, [override])
+
+
+def test_wgan_gp_refuses_fp16_with_a_way_out():
+    with pytest.raises(ConfigError, match="use train.mixed_precision=bf16"):
+        load_config(None, ["model.name=wgan_gp", "model.d_norm=layer", "train.mixed_precision=fp16"])
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path: Path):

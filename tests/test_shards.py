@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import make_fake_celeba
 from gendist.cli import main as gendist_main
 from gendist.data.shards import Preprocess, read_manifest, write_shards
-from gendist.data.sources import CelebASource, FolderSource
+from gendist.data.sources import CelebASource, FolderSource, parse_attributes
 
 
 def read_all(shard_dir: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -126,3 +126,20 @@ def test_generic_folder_converter_and_cli(tmp_path: Path):
 def test_cli_names_a_missing_source(tmp_path: Path, capsys):
     assert gendist_main(["shards", "celeba", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "CelebA folder not found" in capsys.readouterr().err
+
+
+SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "celeba-sample"
+
+
+@pytest.mark.skipif(not (SAMPLE / "img_align_celeba.zip").exists(), reason=f"real CelebA sample not found at {SAMPLE}")
+def test_real_celeba_sample_zip(tmp_path: Path):
+    """The official zip layout, CRLF attribute file and the complete 202,599-row partition file."""
+    manifest = write_shards(CelebASource(SAMPLE), tmp_path / "out", Preprocess(32), shard_size=2500, show_progress=False)
+    assert manifest["splits"]["train"]["count"] == 10_000
+    assert manifest["splits"]["val"]["count"] == manifest["splits"]["test"]["count"] == 0
+    assert manifest["left_out"] == {"listed_but_missing": 192_599, "present_but_unlisted": 0, "no_attributes": 0, "corrupt": 0}
+    names, rows = parse_attributes(SAMPLE / "list_attr_celeba.txt")
+    assert len(names) == 40 and manifest["attribute_names"] == names
+    records = read_all(tmp_path / "out", "train")
+    for key in ("000001.jpg", "005000.jpg", "010000.jpg"):
+        np.testing.assert_array_equal(records[key][1], rows[key])

@@ -1,6 +1,8 @@
 """Adversarial losses on discriminator logits, computed in fp32 whatever the autocast dtype."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -13,3 +15,29 @@ def d_nonsaturating(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tor
 def g_nonsaturating(fake_logits: torch.Tensor) -> torch.Tensor:
     """-log D(G(z)): the generator loss with strong gradients early in training."""
     return F.softplus(-fake_logits.float()).mean()
+
+
+def d_wasserstein(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """The critic minimises E[D(G(z))] - E[D(x)]: the negative Wasserstein-1 estimate."""
+    return fake_scores.float().mean() - real_scores.float().mean()
+
+
+def g_wasserstein(fake_scores: torch.Tensor) -> torch.Tensor:
+    return -fake_scores.float().mean()
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+                     alpha: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): E[(||grad_x D(x_hat)||_2 - 1)^2] at x_hat = a*x + (1-a)*G(z).
+
+    `alpha` holds one value per sample (shape B), and the norm is taken over all of a sample's
+    dimensions (C*H*W) - the two places where implementations in the wild go wrong. The gradient
+    is made with create_graph=True, so one ordinary backward of the total critic loss trains
+    through it (the pattern that works under DDP). Gradients and norms are fp32.
+    """
+    a = alpha.view(-1, *([1] * (real.dim() - 1))).to(real.dtype)
+    mixed = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
+    scores = critic(mixed).float()
+    (grads,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    norms = grads.float().flatten(start_dim=1).norm(2, dim=1)
+    return ((norms - 1.0) ** 2).mean()

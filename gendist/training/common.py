@@ -1,17 +1,24 @@
-"""What every family's loop shares: the run folder, the dataset, the data position, the train state."""
+"""What every family's loop shares: the Session (accelerator, run folder, data position, train
+state, checkpointed objects, metric windows and the log/sample/checkpoint cadence)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 
-from gendist.config import RunConfig, to_yaml
+from gendist import dist
+from gendist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from gendist.config import ConfigError, OptimConfig, RunConfig, to_yaml
 from gendist.data.loader import StreamSpec, make_loader
-from gendist.data.shards import MANIFEST, Preprocess, write_shards
+from gendist.data.shards import MANIFEST, Preprocess, read_manifest, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
+from gendist.reporting import Reporter
 
 
 @dataclass
@@ -21,7 +28,7 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    images_seen: int = 0  # over all ranks
+    images_seen: int = 0  # real images, over all ranks
     train_seconds: float = 0.0
 
     def state_dict(self) -> dict:
@@ -32,13 +39,10 @@ class TrainState:
             setattr(self, key, value)
 
 
-def prepare_run_dir(cfg: RunConfig, accelerator: Accelerator) -> Path:
-    run_dir = Path(cfg.train.run_dir)
-    if accelerator.is_main_process:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    accelerator.wait_for_everyone()
-    return run_dir
+def build_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr, betas=cfg.betas)
 
 
 def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
@@ -55,20 +59,139 @@ def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
     return str(folder)
 
 
-def stream_spec(cfg: RunConfig, shard_dir: str, accelerator: Accelerator) -> StreamSpec:
-    return StreamSpec(
-        shard_dir=shard_dir, split=cfg.data.split, batch_size=cfg.data.batch_size, image_size=cfg.model.image_size,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
-        shuffle_pool=cfg.data.shuffle_pool, hflip=cfg.data.hflip,
-    )
+def attribute_columns(wanted: list[str], available: list[str]) -> list[int]:
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        raise ConfigError(f"model.attributes {missing} are not in this dataset; it has: {', '.join(available) or 'none'}")
+    return [available.index(name) for name in wanted]
 
 
-def batches_from(spec: StreamSpec, num_workers: int, state: TrainState, device: torch.device) -> Iterator[dict]:
-    """Endless batches from the state's data position, advancing it; images as floats in [-1, 1]."""
-    while True:
-        loader = make_loader(spec, num_workers, state.epoch, state.batch_in_epoch)
-        for batch in loader:
-            state.batch_in_epoch += 1
-            images = batch["images"].to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
-            yield {**batch, "images": images, "attrs": batch["attrs"].to(device, non_blocking=True)}
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+class Session:
+    """One training run's plumbing; the loops own only their maths."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.accelerator = accelerator = dist.build_accelerator(cfg.train.mixed_precision)
+        self.device = accelerator.device
+        self.run_dir = Path(cfg.train.run_dir)
+        if accelerator.is_main_process:
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        shard_dir = resolve_shards(cfg, accelerator)
+        self.spec = StreamSpec(
+            shard_dir=shard_dir, split=cfg.data.split, batch_size=cfg.data.batch_size, image_size=cfg.model.image_size,
+            rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
+            shuffle_pool=cfg.data.shuffle_pool, hflip=cfg.data.hflip,
+        )
+        self.attribute_names: list[str] = read_manifest(shard_dir)["attribute_names"]
+        self.state = TrainState()
+        self.checkpointed: dict[str, Any] = {}
+        self.modules: list[nn.Module] = []
+        self._batches = self._stream()
+        self._sums: dict[str, torch.Tensor] = {}
+        self._window_steps, self._data_errors = 0, 0
+        self._window_start, self._window_images_start = time.perf_counter(), 0
+        self.reporter: Reporter | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def prepare(self, **objects: Any) -> list[Any]:
+        """accelerator.prepare the named modules and optimizers, and checkpoint them under those names."""
+        prepared = self.accelerator.prepare(*objects.values())
+        prepared = list(prepared) if isinstance(prepared, (tuple, list)) else [prepared]
+        for name, obj in zip(objects, prepared):
+            self.register(name, obj)
+        return prepared
+
+    def register(self, name: str, obj: Any) -> None:
+        self.checkpointed[name] = obj
+        if isinstance(obj, nn.Module):
+            self.modules.append(obj)
+
+    def resume(self) -> None:
+        """Load the latest complete checkpoint of the run folder, if any, and start reporting."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is not None:
+            shared, rng = load_checkpoint(checkpoint, self.accelerator.process_index)
+            for name, obj in self.checkpointed.items():
+                target = self.accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj
+                target.load_state_dict(shared[name])
+            if self.accelerator.scaler is not None and "scaler" in shared:
+                self.accelerator.scaler.load_state_dict(shared["scaler"])
+            self.state.load_state_dict(shared["train_state"])
+            if rng is not None:
+                set_rng_state(rng)
+            dist.rank_print(self.accelerator, f"resumed from {checkpoint} at step {self.state.step}")
+        self.reporter = Reporter(self.run_dir, self.cfg.train.steps, self.state.step, self.accelerator.is_main_process)
+        self._window_start, self._window_images_start = time.perf_counter(), self.state.images_seen
+
+    # -- data --------------------------------------------------------------------------------
+    def _stream(self) -> Iterator[dict]:
+        while True:
+            loader = make_loader(self.spec, self.cfg.data.num_workers, self.state.epoch, self.state.batch_in_epoch)
+            for batch in loader:
+                self.state.batch_in_epoch += 1
+                self.state.images_seen += self.spec.batch_size * self.accelerator.num_processes
+                self._data_errors += batch["errors"]
+                images = batch["images"].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+                yield {**batch, "images": images, "attrs": batch["attrs"].to(self.device, non_blocking=True)}
+            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
+
+    def next_batch(self) -> dict:
+        """The next batch of this rank: images as floats in [-1, 1] on the device, attrs as +-1."""
+        return next(self._batches)
+
+    # -- cadence -----------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.state.step < self.cfg.train.steps
+
+    def step_done(self, values: dict[str, torch.Tensor], write_samples: Callable[[], None]) -> None:
+        """Count a step, accumulate its values, and log / sample / checkpoint on their cadence."""
+        train = self.cfg.train
+        self.state.step += 1
+        self._window_steps += 1
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
+        last = self.state.step == train.steps
+        if self.state.step % train.log_every == 0 or last:
+            self._log()
+        else:
+            self.reporter.advance(self.state.step)
+        if self.state.step % train.sample_every == 0 or last:
+            for module in self.modules:
+                dist.average_buffers(self.accelerator, module)
+            if self.accelerator.is_main_process:
+                write_samples()
+        if self.state.step % train.checkpoint_every == 0 or last:
+            self.save()
+
+    def _log(self) -> None:
+        means = dist.mean_across_ranks(self.accelerator, {k: v / self._window_steps for k, v in self._sums.items()})
+        errors = self.accelerator.reduce(torch.tensor(float(self._data_errors), device=self.device), reduction="sum")
+        seconds = time.perf_counter() - self._window_start
+        self.state.train_seconds += seconds
+        images = self.state.images_seen - self._window_images_start
+        self.reporter.log(self.state.step, {**means, "images_per_s": images / seconds, "data_errors": int(errors.item()),
+                                            "epoch": self.state.epoch, "images_seen": self.state.images_seen})
+        self._sums, self._data_errors, self._window_steps = {}, 0, 0
+        self._window_start, self._window_images_start = time.perf_counter(), self.state.images_seen
+
+    def save(self) -> None:
+        for module in self.modules:
+            dist.average_buffers(self.accelerator, module)
+        shared: dict[str, Any] = {
+            name: (self.accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj).state_dict()
+            for name, obj in self.checkpointed.items()
+        }
+        shared["train_state"] = self.state.state_dict()
+        shared["world_size"] = self.accelerator.num_processes
+        if self.accelerator.scaler is not None:
+            shared["scaler"] = self.accelerator.scaler.state_dict()
+        save_checkpoint(self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints)
+
+    def finish(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+        if self.state.train_seconds > 0:
+            dist.rank_print(self.accelerator, f"done: step {self.state.step}, {self.state.images_seen} real images seen, "
+                            f"{self.state.images_seen / self.state.train_seconds:.1f} images/s over the logged training time")

@@ -1,35 +1,51 @@
-"""The GAN training loop (DCGAN today): one D step and one G step per iteration, on Accelerate.
+"""The GAN loop for every GAN family: dcgan, cgan (non-saturating), wgan (clipping), wgan_gp.
 
-G and D are wrapped for data parallelism separately. The D step makes two forwards (real, fake)
-and one backward; the G step runs D frozen and outside gradient sync, so only G's gradients are
-all-reduced. Logged values are means over ranks, never rank 0's alone.
+Per generator step every rank takes exactly `loss.n_critic` critic steps, each on a fresh real
+batch of its own; each critic step is its forwards (real, fake, and for WGAN-GP the interpolates)
+then ONE backward, so gradients are all-reduced once per step. G and D are wrapped for data
+parallelism separately; the G step runs D frozen and outside gradient sync.
 """
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import save_image
 
 from gendist import dist
-from gendist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from gendist.config import RunConfig
-from gendist.losses.gan import d_nonsaturating, g_nonsaturating
+from gendist.losses.gan import d_nonsaturating, d_wasserstein, g_nonsaturating, g_wasserstein, gradient_penalty
+from gendist.models.conditional import ConditionalDiscriminator, ConditionalGenerator
 from gendist.models.dcgan import Discriminator, Generator
-from gendist.reporting import Reporter
-from gendist.training.common import TrainState, batches_from, prepare_run_dir, resolve_shards, stream_spec
+from gendist.training.common import Session, TrainState, attribute_columns, build_optimizer
+
+GAN_FAMILIES = ("dcgan", "cgan", "wgan", "wgan_gp")
 
 
 @dataclass
 class GanResult:
     generator: nn.Module
     discriminator: nn.Module
+    generator_ema: nn.Module | None
     state: TrainState
     run_dir: Path
+
+
+def build_networks(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, nn.Module]:
+    m = cfg.model
+    if m.name == "cgan":
+        return (ConditionalGenerator(num_labels, m.z_dim, m.label_dim, m.ngf, m.image_size),
+                ConditionalDiscriminator(num_labels, m.ndf, m.image_size, m.d_norm))
+    return Generator(m.z_dim, m.ngf, m.image_size), Discriminator(m.ndf, m.image_size, norm=m.d_norm)
+
+
+def call(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    return model(inputs) if labels is None else model(inputs, labels)
 
 
 @contextlib.contextmanager
@@ -45,114 +61,116 @@ def frozen(model: nn.Module):
             p.requires_grad_(True)
 
 
+def ema_with_warmup(decay: float):
+    """EMA whose decay grows as (1 + n) / (10 + n) up to `decay`: early grids are not dominated by
+    the random initial weights (at 0.999, step 250 would still weigh them 78%)."""
+
+    def average(ema_param: torch.Tensor, param: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = torch.clamp((1.0 + num_averaged) / (10.0 + num_averaged), max=decay).to(ema_param.dtype)
+        return d * ema_param + (1 - d) * param
+
+    return average
+
+
+def discriminator_step(accelerator: Accelerator, critic: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
+                       real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None,
+                       alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One critic update: forwards, one backward, one optimizer step (and clipping for wgan).
+
+    `alpha` (one per sample) is drawn here unless given, which the equivalence tests do.
+    """
+    real_scores, fake_scores = call(critic, real, labels), call(critic, fake.detach(), labels)
+    stats: dict[str, torch.Tensor] = {}
+    if cfg.model.name in ("dcgan", "cgan"):
+        loss = d_nonsaturating(real_scores, fake_scores)
+        stats["d_real"] = torch.sigmoid(real_scores.detach().float()).mean()
+        stats["d_fake"] = torch.sigmoid(fake_scores.detach().float()).mean()
+    else:
+        loss = d_wasserstein(real_scores, fake_scores)
+        stats["wasserstein"] = -loss.detach()
+        if cfg.model.name == "wgan_gp":
+            if alpha is None:
+                alpha = torch.rand(real.shape[0], device=real.device)
+            penalty = gradient_penalty(lambda x: call(critic, x, labels), real, fake, alpha)
+            loss = loss + cfg.loss.gp_weight * penalty
+            stats["gradient_penalty"] = penalty.detach()
+    optimizer.zero_grad(set_to_none=True)
+    accelerator.backward(loss)
+    optimizer.step()
+    if cfg.model.name == "wgan":
+        with torch.no_grad():
+            for param in critic.parameters():
+                param.clamp_(-cfg.loss.clip_value, cfg.loss.clip_value)
+    stats["loss_d"] = loss.detach()
+    return stats
+
+
 def train_gan(cfg: RunConfig) -> GanResult:
-    accelerator = dist.build_accelerator(cfg.train.mixed_precision)
-    run_dir = prepare_run_dir(cfg, accelerator)
-    shard_dir = resolve_shards(cfg, accelerator)
-    spec = stream_spec(cfg, shard_dir, accelerator)
+    session = Session(cfg)
+    accelerator, device, model_cfg = session.accelerator, session.device, cfg.model
+    columns = attribute_columns(model_cfg.attributes, session.attribute_names) if model_cfg.name == "cgan" else []
 
     dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    generator = Generator(cfg.model.z_dim, cfg.model.ngf, cfg.model.image_size)
-    discriminator = Discriminator(cfg.model.ndf, cfg.model.image_size)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g, betas=cfg.optim.betas)
-    opt_d = torch.optim.Adam(discriminator.parameters(), lr=cfg.optim.lr_d, betas=cfg.optim.betas)
-    generator, discriminator, opt_g, opt_d = accelerator.prepare(generator, discriminator, opt_g, opt_d)
-    fixed_noise = torch.randn(cfg.train.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
+    generator, critic = build_networks(cfg, len(columns))
+    ema = None
+    if cfg.train.ema_decay > 0:
+        ema = AveragedModel(generator, avg_fn=ema_with_warmup(cfg.train.ema_decay), use_buffers=True).to(device)
+    opt_g = build_optimizer(generator.parameters(), cfg.optim.lr_g, cfg.optim)
+    opt_d = build_optimizer(critic.parameters(), cfg.optim.lr_d, cfg.optim)
+    generator, critic, opt_g, opt_d = session.prepare(generator=generator, discriminator=critic, opt_g=opt_g, opt_d=opt_d)
+    if ema is not None:
+        session.register("generator_ema", ema)
+    fixed_noise, fixed_labels = fixed_inputs(cfg, len(columns), device)
     dist.seed_everything(cfg.train.seed, accelerator)  # a distinct noise stream per rank
+    session.resume()
 
-    state = TrainState()
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None:
-        shared, rng = load_checkpoint(checkpoint, accelerator.process_index)
-        accelerator.unwrap_model(generator).load_state_dict(shared["generator"])
-        accelerator.unwrap_model(discriminator).load_state_dict(shared["discriminator"])
-        opt_g.load_state_dict(shared["opt_g"])
-        opt_d.load_state_dict(shared["opt_d"])
-        if accelerator.scaler is not None and "scaler" in shared:
-            accelerator.scaler.load_state_dict(shared["scaler"])
-        state.load_state_dict(shared["train_state"])
-        if rng is not None:
-            set_rng_state(rng)
-        dist.rank_print(accelerator, f"resumed from {checkpoint} at step {state.step}")
+    def labels_of(batch: dict) -> torch.Tensor | None:
+        return (batch["attrs"][:, columns] > 0).float() if columns else None
 
-    def save() -> None:
-        dist.average_buffers(accelerator, generator)
-        dist.average_buffers(accelerator, discriminator)
-        shared = {
-            "generator": accelerator.unwrap_model(generator).state_dict(),
-            "discriminator": accelerator.unwrap_model(discriminator).state_dict(),
-            "opt_g": opt_g.state_dict(),
-            "opt_d": opt_d.state_dict(),
-            "train_state": state.state_dict(),
-            "world_size": accelerator.num_processes,
-        }
-        if accelerator.scaler is not None:
-            shared["scaler"] = accelerator.scaler.state_dict()
-        save_checkpoint(accelerator, run_dir, state.step, shared, cfg.train.keep_checkpoints)
+    def write_samples() -> None:
+        model = ema.module if ema is not None else accelerator.unwrap_model(generator)
+        model.eval()
+        with torch.no_grad():
+            images = call(model, fixed_noise, fixed_labels).float()
+        model.train()
+        save_image(images, session.run_dir / "samples" / f"step_{session.state.step:07d}.png", nrow=8,
+                   normalize=True, value_range=(-1, 1))
 
-    def sample_grid() -> None:
-        dist.average_buffers(accelerator, generator)
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(generator)
-            model.eval()
-            with torch.no_grad():
-                images = model(fixed_noise.to(accelerator.device)).float()
-            model.train()
-            save_image(images, run_dir / "samples" / f"step_{state.step:07d}.png", nrow=8, normalize=True, value_range=(-1, 1))
+    while session.running:
+        for critic_step in range(cfg.loss.n_critic):
+            batch = session.next_batch()
+            real, labels = batch["images"], labels_of(batch)
+            z = torch.randn(real.shape[0], model_cfg.z_dim, device=device)
+            keep_graph = critic_step == cfg.loss.n_critic - 1  # the last fake also trains G
+            with torch.set_grad_enabled(keep_graph):
+                fake = call(generator, z, labels)
+            stats = discriminator_step(accelerator, critic, opt_d, cfg, real, fake, labels)
 
-    reporter = Reporter(run_dir, cfg.train.steps, state.step, accelerator.is_main_process)
-    sums = {name: torch.zeros((), device=accelerator.device) for name in ("loss_d", "loss_g", "d_real", "d_fake")}
-    data_errors = torch.zeros((), device=accelerator.device)
-    window_steps, window_start = 0, time.perf_counter()
-    batches = batches_from(spec, cfg.data.num_workers, state, accelerator.device)
-    global_batch = cfg.data.batch_size * accelerator.num_processes
-
-    while state.step < cfg.train.steps:
-        batch = next(batches)
-        real = batch["images"]
-        fake = generator(torch.randn(real.shape[0], cfg.model.z_dim, device=accelerator.device))
-
-        real_logits, fake_logits = discriminator(real), discriminator(fake.detach())
-        loss_d = d_nonsaturating(real_logits, fake_logits)
-        opt_d.zero_grad(set_to_none=True)
-        accelerator.backward(loss_d)
-        opt_d.step()
-
-        with frozen(discriminator), accelerator.no_sync(discriminator):
-            loss_g = g_nonsaturating(discriminator(fake))
+        with frozen(critic), accelerator.no_sync(critic):
+            scores = call(critic, fake, labels)
+        loss_g = g_wasserstein(scores) if model_cfg.name in ("wgan", "wgan_gp") else g_nonsaturating(scores)
         opt_g.zero_grad(set_to_none=True)
         accelerator.backward(loss_g)
         opt_g.step()
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(generator))
+        session.step_done({**stats, "loss_g": loss_g.detach()}, write_samples)
 
-        state.step += 1
-        state.images_seen += global_batch
-        window_steps += 1
-        sums["loss_d"] += loss_d.detach()
-        sums["loss_g"] += loss_g.detach()
-        sums["d_real"] += torch.sigmoid(real_logits.detach().float()).mean()
-        sums["d_fake"] += torch.sigmoid(fake_logits.detach().float()).mean()
-        data_errors += batch["errors"]
+    session.finish()
+    return GanResult(accelerator.unwrap_model(generator), accelerator.unwrap_model(critic),
+                     ema.module if ema is not None else None, session.state, session.run_dir)
 
-        last = state.step == cfg.train.steps
-        if state.step % cfg.train.log_every == 0 or last:
-            means = dist.mean_across_ranks(accelerator, {k: v / window_steps for k, v in sums.items()})
-            errors = accelerator.reduce(data_errors.clone(), reduction="sum").item()
-            seconds = time.perf_counter() - window_start
-            state.train_seconds += seconds
-            reporter.log(state.step, {**means, "images_per_s": window_steps * global_batch / seconds,
-                                      "data_errors": int(errors), "epoch": state.epoch, "images_seen": state.images_seen})
-            for value in (*sums.values(), data_errors):
-                value.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        else:
-            reporter.advance(state.step)
-        if state.step % cfg.train.sample_every == 0 or last:
-            sample_grid()
-        if state.step % cfg.train.checkpoint_every == 0 or last:
-            save()
 
-    reporter.close()
-    if state.train_seconds > 0:
-        dist.rank_print(accelerator, f"done: step {state.step}, {state.images_seen} images seen, "
-                        f"{state.images_seen / state.train_seconds:.1f} images/s over the training time logged")
-    return GanResult(accelerator.unwrap_model(generator), accelerator.unwrap_model(discriminator), state, run_dir)
+def fixed_inputs(cfg: RunConfig, num_labels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Noise (and labels) of the sample grids, the same for every run with this seed.
+
+    cGAN grids have 8 columns of fixed noise; row 0 has every attribute off, row i only attribute i on.
+    """
+    rng = torch.Generator().manual_seed(cfg.train.seed)
+    if not num_labels:
+        return torch.randn(cfg.train.num_samples, cfg.model.z_dim, generator=rng).to(device), None
+    columns = 8
+    noise = torch.randn(columns, cfg.model.z_dim, generator=rng).repeat(num_labels + 1, 1)
+    labels = torch.zeros(num_labels + 1, num_labels)
+    labels[1:] = torch.eye(num_labels)
+    return noise.to(device), labels.repeat_interleave(columns, dim=0).to(device)

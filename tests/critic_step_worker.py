@@ -1,0 +1,29 @@
+"""One WGAN-GP critic step on a deterministic batch of 2B samples: with N processes each rank takes
+its B = 2B/N slice; rank 0 saves the critic's parameters. Run with plain python for N = 1."""
+import sys
+
+import torch
+import torch.distributed as torch_dist
+
+from gendist import dist
+from gendist.config import load_config
+from gendist.models.dcgan import Discriminator
+from gendist.training.gan import discriminator_step
+
+out_path, total = sys.argv[1], 8
+cfg = load_config(None, ["model.name=wgan_gp", "model.d_norm=layer", "model.image_size=16", "optim.lr_d=1e-3",
+                         "optim.betas=[0.0, 0.9]"])
+accelerator = dist.build_accelerator("no")
+torch.manual_seed(0)
+critic = Discriminator(ndf=4, image_size=16, norm="layer")
+optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr_d, betas=cfg.optim.betas)
+critic, optimizer = accelerator.prepare(critic, optimizer)
+data = torch.Generator().manual_seed(1)
+real, fake, alpha = torch.randn(total, 3, 16, 16, generator=data), torch.randn(total, 3, 16, 16, generator=data), torch.rand(total, generator=data)
+share = total // accelerator.num_processes
+mine = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
+discriminator_step(accelerator, critic, optimizer, cfg, real[mine], fake[mine], None, alpha[mine])
+world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+if accelerator.is_main_process:
+    torch.save({"world_size": world, "critic": accelerator.unwrap_model(critic).state_dict()}, out_path)
+dist.shutdown()

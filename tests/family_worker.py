@@ -1,0 +1,32 @@
+"""Train each family a few steps (one launch), then save this rank's weights per family."""
+import sys
+
+import torch
+import torch.distributed as torch_dist
+
+from gendist import dist
+from gendist.config import load_config
+from gendist.training.gan import train_gan
+from gendist.training.vae import train_vae
+
+out_dir, overrides = sys.argv[1], sys.argv[2:]
+families = {
+    "dcgan": [],
+    "wgan": ["model.name=wgan", "loss.n_critic=2", "optim.name=rmsprop", "loss.clip_value=0.01"],
+    "wgan_gp": ["model.name=wgan_gp", "model.d_norm=layer", "loss.n_critic=2", "optim.betas=[0.0, 0.9]"],
+    "cgan": ["model.name=cgan", "model.attributes=[Male,Smiling,Eyeglasses]"],
+    "vae": ["model.name=vae", "vae.likelihood=gaussian_learned", "vae.kl_warmup_steps=2"],
+}
+rank = None
+for family, extra in families.items():
+    cfg = load_config(None, [*overrides, *extra, f"train.run_dir={out_dir}/{family}"])
+    if family == "vae":
+        weights = {"vae": train_vae(cfg).model.state_dict()}
+    else:
+        result = train_gan(cfg)
+        weights = {"generator": result.generator.state_dict(), "discriminator": result.discriminator.state_dict(),
+                   "generator_ema": result.generator_ema.state_dict()}
+    rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+    torch.save({"world_size": world, **weights}, f"{out_dir}/{family}-rank{rank}.pt")
+dist.shutdown()
