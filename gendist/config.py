@@ -182,6 +182,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, bool) and ("no" if value is False else "yes") in choices:
+            return "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as False
         if value not in choices:
             raise ConfigError(f"'{where}' must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value

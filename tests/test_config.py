@@ -16,6 +16,13 @@ def test_defaults_yaml_and_overrides_apply_in_order(tmp_path: Path):
     assert cfg.optim.lr_d == RunConfig().optim.lr_d
 
 
+def test_bare_no_is_a_choice_not_a_boolean(tmp_path: Path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
 def test_unknown_key_names_the_valid_keys():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["optim.lr=1e-3"])
