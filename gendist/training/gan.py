@@ -137,6 +137,7 @@ def train_gan(cfg: RunConfig) -> GanResult:
                    normalize=True, value_range=(-1, 1))
 
     while session.running:
+        critic_stats: dict[str, torch.Tensor] = {}
         for critic_step in range(cfg.loss.n_critic):
             batch = session.next_batch()
             real, labels = batch["images"], labels_of(batch)
@@ -145,6 +146,8 @@ def train_gan(cfg: RunConfig) -> GanResult:
             with torch.set_grad_enabled(keep_graph):
                 fake = call(generator, z, labels)
             stats = discriminator_step(accelerator, critic, opt_d, cfg, real, fake, labels)
+            for name, value in stats.items():
+                critic_stats[name] = critic_stats.get(name, 0.0) + value / cfg.loss.n_critic
 
         with frozen(critic), accelerator.no_sync(critic):
             scores = call(critic, fake, labels)
@@ -154,7 +157,7 @@ def train_gan(cfg: RunConfig) -> GanResult:
         opt_g.step()
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(generator))
-        session.step_done({**stats, "loss_g": loss_g.detach()}, write_samples)
+        session.step_done({**critic_stats, "loss_g": loss_g.detach()}, write_samples)
 
     session.finish()
     return GanResult(accelerator.unwrap_model(generator), accelerator.unwrap_model(critic),

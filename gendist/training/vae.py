@@ -5,6 +5,7 @@ in odd rows above their reconstructions (samples/recon_step_*.png).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def kl_weight(cfg: RunConfig, step: int) -> float:
 
 def fixed_real_batch(session: Session, count: int) -> torch.Tensor:
     """The first `count` images of epoch 0 as one rank would read them: the same for every run."""
-    spec = session.spec.__class__(**{**session.spec.__dict__, "rank": 0, "world_size": 1, "batch_size": count})
+    spec = dataclasses.replace(session.spec, rank=0, world_size=1, batch_size=count)
     images = next(iter(ShardStream(spec)))["images"]
     return images.to(session.device).float().div_(127.5).sub_(1.0)
 
