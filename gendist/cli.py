@@ -1,10 +1,11 @@
-"""The `gendist` command: train (one process), shards (dataset conversion)."""
+"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats and compare."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import train
+from gendist import evaluate, train
+from gendist.config import parse_args_with_overrides
 from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, write_shards
 from gendist.data.sources import CelebASource, FolderSource
 from gendist.data.synthetic import SyntheticFacesSource
@@ -52,14 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic = sources.add_parser("synthetic", help="the embedded procedurally drawn faces")
     synthetic.add_argument("--count", type=int, default=8192)
     _shard_options(synthetic, CELEBA_CROP_FRACTION)
+
+    evaluate.add_eval_arguments(commands.add_parser("eval", help="FID/KID (and VAE reconstruction error) of a run's checkpoint"))
+    evaluate.add_stats_arguments(commands.add_parser("fid-stats", help="compute and cache the real FID statistics ahead"))
+    compare = commands.add_parser("compare", help="a Markdown report with table and figures over several runs")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--out", default="report", help="report folder (default: report/)")
+    compare.add_argument("--title", default="gendist comparison")
     return parser
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from gendist.report import write_report  # matplotlib loads only for this command
+
+    print(f"wrote {write_report(args.run_dirs, args.out, args.title)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_overrides(build_parser(), argv)
+    if args.command == "eval":
+        return evaluate.run(evaluate.evaluate_run, args)
+    if args.command == "fid-stats":
+        return evaluate.run(evaluate.build_reference, args)
     try:
         if args.command == "train":
             return train.run(args)
+        if args.command == "compare":
+            return _compare(args)
         return _shards(args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"gendist: error: {err}", file=sys.stderr)

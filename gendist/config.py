@@ -5,6 +5,7 @@ and wrong types raise `ConfigError` naming the valid keys, so a typo never train
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -86,6 +87,27 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID/KID protocol (pytorch-fid Inception pool3) and, for VAEs, held-out reconstruction error."""
+
+    every: int = 0  # evaluate every N steps during training, and at the last step; 0 = off
+    num_samples: int = 10000  # generated images per evaluation, over all ranks
+    split: str = "train"  # real reference split of data.shards
+    num_real: int = 10000  # first N images of the split, in shard order; 0 = the whole split
+    batch_size: int = 50  # Inception batch per rank
+    seed: int = 0  # noise of the generated set: the same images whatever the number of ranks
+    # "" = pytorch-fid's file in $TORCH_HOME/hub/checkpoints (downloaded if missing and online);
+    # a path = that file; "random" = a seeded random Inception: tests and smoke runs only, its
+    # numbers are labelled and not comparable with any published FID.
+    inception_weights: str = ""
+    stats_dir: str = ""  # cache of real statistics; "" = <data.cache_dir>/fid_stats
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    recon_split: str = "val"  # VAE: held-out split for the reconstruction error
+    recon_images: int = 2000  # VAE: first N images of recon_split; 0 = all
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -93,6 +115,7 @@ class RunConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         size = self.model.image_size
@@ -107,6 +130,12 @@ class RunConfig:
             raise ConfigError("loss.n_critic must be >= 1")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
+        ev = self.eval
+        if ev.every < 0 or ev.num_real < 0 or ev.recon_images < 0:
+            raise ConfigError("eval.every, eval.num_real and eval.recon_images must be >= 0")
+        if ev.num_samples < 2 or ev.batch_size < 1 or ev.kid_subsets < 1 or ev.kid_subset_size < 2:
+            raise ConfigError("eval.num_samples and eval.kid_subset_size must be >= 2, eval.batch_size and "
+                              "eval.kid_subsets >= 1")
         name = self.model.name
         if name == "wgan_gp" and self.model.d_norm == "batch":
             raise ConfigError("wgan_gp: batch norm mixes samples, so the per-sample gradient penalty is wrong with it; "
@@ -157,6 +186,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _merge(cfg, tree, prefix="")
     cfg.validate()
     return cfg
+
+
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parse_args that also takes `section.key=value` items after options (argparse alone stops
+    filling a positional list once an option has come between)."""
+    args, extra = parser.parse_known_args(argv)
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def _merge(target: Any, values: dict[str, Any], prefix: str) -> None:

@@ -4,6 +4,7 @@ free of torch.distributed."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -51,6 +52,41 @@ def mean_across_ranks(accelerator: Accelerator, values: dict[str, torch.Tensor])
     stacked = torch.stack([values[n].detach().float().reshape(()) for n in names]).to(accelerator.device)
     reduced = accelerator.reduce(stacked, reduction="mean")
     return dict(zip(names, reduced.tolist()))
+
+
+def chunk_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rank `rank`'s contiguous share [start, end) of `total` items; the shares concatenate in order."""
+    per_rank = -(-total // world_size)
+    return min(total, rank * per_rank), min(total, (rank + 1) * per_rank)
+
+
+def gather_rows(accelerator: Accelerator, rows: torch.Tensor, total: int) -> torch.Tensor:
+    """Concatenate every rank's `chunk_bounds` share of rows (on the CPU), in rank order."""
+    if accelerator.num_processes == 1:
+        return rows.cpu()
+    per_rank = -(-total // accelerator.num_processes)
+    padded = torch.zeros(per_rank, *rows.shape[1:], dtype=rows.dtype, device=accelerator.device)
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(accelerator.num_processes)]
+    torch_dist.all_gather(parts, padded)
+    return torch.cat(parts)[:total].cpu()
+
+
+def sum_across_ranks(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
+    """Float64 sum over ranks (exact enough for sums of many squared errors)."""
+    values = values.to(accelerator.device, torch.float64)
+    if accelerator.num_processes > 1:
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_from_main(accelerator: Accelerator, obj: Any) -> Any:
+    """Rank 0's picklable `obj` on every rank."""
+    if accelerator.num_processes == 1:
+        return obj
+    holder = [obj]
+    torch_dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def rank_print(accelerator: Accelerator, message: str) -> None:

@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from gendist import dist
-from gendist.config import ConfigError, load_config, to_yaml
+from gendist.config import ConfigError, load_config, parse_args_with_overrides, to_yaml
+from gendist.eval.inception import InceptionWeightsError
 from gendist.training.gan import GAN_FAMILIES, train_gan
 from gendist.training.vae import train_vae
 
@@ -34,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     try:
         TRAINERS[cfg.model.name](cfg)
+    except InceptionWeightsError as err:  # eval.every > 0 without the FID weights: said at start-up
+        print(f"gendist: error: {err}", file=sys.stderr)
+        return 2
     finally:
         dist.shutdown()
     return 0
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gendist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parse_args_with_overrides(parser, argv))
 
 
 if __name__ == "__main__":

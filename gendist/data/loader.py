@@ -41,6 +41,22 @@ class StreamSpec:
     hflip: bool = False
 
 
+def split_shards(shard_dir: str, split: str, image_size: int) -> tuple[list[str], int, list[str]]:
+    """Shard paths, image count and attribute names of a split, checked against the model's size."""
+    manifest = read_manifest(shard_dir)
+    if manifest["preprocessing"]["size"] != image_size:
+        raise ValueError(
+            f"{shard_dir} holds {manifest['preprocessing']['size']}px images but the model wants "
+            f"{image_size}px: set model.image_size={manifest['preprocessing']['size']} or convert at that size"
+        )
+    splits = manifest["splits"]
+    if split not in splits or not splits[split]["shards"]:
+        available = [name for name, s in splits.items() if s["shards"]]
+        raise ValueError(f"{shard_dir} has no '{split}' shards; splits with data: {', '.join(available)}")
+    paths = [str(Path(shard_dir) / s["name"]) for s in splits[split]["shards"]]
+    return paths, splits[split]["count"], manifest["attribute_names"]
+
+
 class _Counters:
     """Counts decoded blocks and, as a WebDataset exception handler, skipped shards or samples."""
 
@@ -59,19 +75,7 @@ class ShardStream(IterableDataset):
     def __init__(self, spec: StreamSpec, epoch: int = 0, skip_batches: int = 0) -> None:
         super().__init__()
         self.spec, self.epoch, self.skip_batches = spec, epoch, skip_batches
-        manifest = read_manifest(spec.shard_dir)
-        if manifest["preprocessing"]["size"] != spec.image_size:
-            raise ValueError(
-                f"{spec.shard_dir} holds {manifest['preprocessing']['size']}px images but the model wants "
-                f"{spec.image_size}px: set model.image_size={manifest['preprocessing']['size']} or convert at that size"
-            )
-        splits = manifest["splits"]
-        if spec.split not in splits or not splits[spec.split]["shards"]:
-            available = [name for name, s in splits.items() if s["shards"]]
-            raise ValueError(f"{spec.shard_dir} has no '{spec.split}' shards; splits with data: {', '.join(available)}")
-        self.shards = [str(Path(spec.shard_dir) / s["name"]) for s in splits[spec.split]["shards"]]
-        self.num_images = splits[spec.split]["count"]
-        self.attribute_names: list[str] = manifest["attribute_names"]
+        self.shards, self.num_images, self.attribute_names = split_shards(spec.shard_dir, spec.split, spec.image_size)
         self.batches = batches_per_epoch(self.num_images, spec.world_size, spec.batch_size)
 
     def __len__(self) -> int:
@@ -95,7 +99,7 @@ class ShardStream(IterableDataset):
         counters = _Counters()
 
         def decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-            decoded = _decode(sample, spec.image_size)
+            decoded = decode_sample(sample, spec.image_size)
             counters.decoded += 1
             return decoded
 
@@ -134,7 +138,7 @@ def _cycle(urls: list[str], rng: random.Random, counters: _Counters) -> Iterator
             raise RuntimeError(f"no readable sample in these shards ({counters.errors} errors): {', '.join(order)}")
 
 
-def _decode(sample: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_sample(sample: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     if "images.npy" in sample:
         images = np.load(io.BytesIO(sample["images.npy"]), allow_pickle=False)
     else:
@@ -171,6 +175,27 @@ def _pooled_batches(blocks, spec: StreamSpec, rng: np.random.Generator) -> Itera
             yield batch, all_attrs[take]
         rest = order[usable:]
         images, attrs, held = [all_images[rest]], [all_attrs[rest]], len(rest)
+
+
+def read_in_order(shard_dir: str, split: str, image_size: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
+    """The first `limit` images (0 = all) of a split in manifest order, no shuffle or flip:
+    (images N,H,W,3 uint8, attrs N,A int8, unreadable samples skipped). The evaluation reference."""
+    paths, _, _ = split_shards(shard_dir, split, image_size)
+    counters = _Counters()
+    pipeline = wds.DataPipeline(wds.SimpleShardList(paths), wds.tarfile_to_samples(handler=counters),
+                                wds.map(lambda sample: decode_sample(sample, image_size), handler=counters))
+    blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    held = 0
+    for block in pipeline:
+        blocks.append(block)
+        held += len(block[0])
+        if limit and held >= limit:
+            break
+    if not blocks:
+        raise RuntimeError(f"no readable image in the '{split}' shards of {shard_dir} ({counters.errors} errors)")
+    images, attrs = (np.concatenate(parts) for parts in zip(*blocks))
+    count = min(held, limit) if limit else held
+    return images[:count], attrs[:count], counters.errors
 
 
 def make_loader(spec: StreamSpec, num_workers: int, epoch: int = 0, skip_batches: int = 0) -> DataLoader:

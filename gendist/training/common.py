@@ -18,6 +18,7 @@ from gendist.config import ConfigError, OptimConfig, RunConfig, to_yaml
 from gendist.data.loader import StreamSpec, make_loader
 from gendist.data.shards import MANIFEST, Preprocess, read_manifest, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
+from gendist.eval.evaluator import Evaluator, Generate, Reconstruct, append_row
 from gendist.reporting import Reporter
 
 
@@ -92,6 +93,13 @@ class Session:
         self._window_steps, self._data_errors = 0, 0
         self._window_start, self._window_images_start = time.perf_counter(), 0
         self.reporter: Reporter | None = None
+        self.evaluator = Evaluator(cfg, accelerator, shard_dir)
+        if cfg.eval.every:
+            self.evaluator.inception  # missing FID weights fail now, not hours into the run
+        self._write_samples: Callable[[], None] = lambda: None
+        self._generate: Generate | None = None
+        self._reconstruct: Reconstruct | None = None
+        self._generator_label = ""
 
     # -- set-up ------------------------------------------------------------------------------
     def prepare(self, **objects: Any) -> list[Any]:
@@ -106,6 +114,12 @@ class Session:
         self.checkpointed[name] = obj
         if isinstance(obj, nn.Module):
             self.modules.append(obj)
+
+    def attach(self, write_samples: Callable[[], None], generate: Generate, generator_label: str,
+               reconstruct: Reconstruct | None = None) -> None:
+        """The loop's outputs: sample grids, and the sampler (and reconstructor) that evaluation scores."""
+        self._write_samples, self._generate, self._reconstruct = write_samples, generate, reconstruct
+        self._generator_label = generator_label
 
     def resume(self) -> None:
         """Load the latest complete checkpoint of the run folder, if any, and start reporting."""
@@ -145,8 +159,8 @@ class Session:
     def running(self) -> bool:
         return self.state.step < self.cfg.train.steps
 
-    def step_done(self, values: dict[str, torch.Tensor], write_samples: Callable[[], None]) -> None:
-        """Count a step, accumulate its values, and log / sample / checkpoint on their cadence."""
+    def step_done(self, values: dict[str, torch.Tensor]) -> None:
+        """Count a step, accumulate its values, and log / sample / evaluate / checkpoint on their cadence."""
         train = self.cfg.train
         self.state.step += 1
         self._window_steps += 1
@@ -157,13 +171,38 @@ class Session:
             self._log()
         else:
             self.reporter.advance(self.state.step)
-        if self.state.step % train.sample_every == 0 or last:
+        evaluate = self.cfg.eval.every > 0 and (self.state.step % self.cfg.eval.every == 0 or last)
+        if self.state.step % train.sample_every == 0 or last or evaluate:
             for module in self.modules:
                 dist.average_buffers(self.accelerator, module)
-            if self.accelerator.is_main_process:
-                write_samples()
+        if (self.state.step % train.sample_every == 0 or last) and self.accelerator.is_main_process:
+            self._write_samples()
+        if evaluate:
+            self.evaluate()
         if self.state.step % train.checkpoint_every == 0 or last:
             self.save()
+
+    def evaluate(self) -> dict:
+        """Score the current models (collective); its time is kept out of the images/s window."""
+        started = time.perf_counter()
+        modes = [module.training for module in self.modules]
+        for module in self.modules:
+            module.eval()
+        try:
+            row = self.evaluator.evaluate(self._generate, self.state.step, self._generator_label, self._reconstruct)
+        finally:
+            for module, mode in zip(self.modules, modes):
+                module.train(mode)
+        row["images_seen"] = self.state.images_seen
+        row["source"] = "training"
+        if self.accelerator.is_main_process:
+            append_row(self.run_dir, row)
+        shown = "  ".join(f"{k} {row[k]:.4g}" for k in ("fid", "kid", "recon_mse") if k in row)
+        self.reporter.message(f"eval step {self.state.step}: {shown}  ({sum(row['seconds'].values()):.1f}s, "
+                              f"{row['protocol']['generated']} samples vs {row['protocol']['reference_images']} "
+                              f"'{row['protocol']['reference_split']}' images, Inception: {row['protocol']['inception']})")
+        self._window_start += time.perf_counter() - started
+        return row
 
     def _log(self) -> None:
         means = dist.mean_across_ranks(self.accelerator, {k: v / self._window_steps for k, v in self._sums.items()})
@@ -190,6 +229,10 @@ class Session:
         save_checkpoint(self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints)
 
     def finish(self) -> None:
+        # Stop the loader workers now: left to the garbage collector, the stream dies inside a
+        # reference cycle whose queues may be finalised first, and each worker then takes its
+        # 5 s shutdown timeout.
+        self._batches.close()
         if self.reporter is not None:
             self.reporter.close()
         if self.state.train_seconds > 0:

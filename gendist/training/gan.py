@@ -19,6 +19,7 @@ from torchvision.utils import save_image
 
 from gendist import dist
 from gendist.config import RunConfig
+from gendist.eval.evaluator import Generate
 from gendist.losses.gan import d_nonsaturating, d_wasserstein, g_nonsaturating, g_wasserstein, gradient_penalty
 from gendist.models.conditional import ConditionalDiscriminator, ConditionalGenerator
 from gendist.models.dcgan import Discriminator, Generator
@@ -46,6 +47,16 @@ def build_networks(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, nn.Modul
 
 def call(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
     return model(inputs) if labels is None else model(inputs, labels)
+
+
+def condition(attrs: torch.Tensor, columns: list[int]) -> torch.Tensor | None:
+    """cGAN labels (0/1 floats) from CelebA's +-1 attributes; None for unconditional models."""
+    return (attrs[:, columns] > 0).float() if columns else None
+
+
+def sampler(generator: nn.Module, columns: list[int]) -> Generate:
+    """What evaluation scores: the generator (the EMA one in practice) given noise and real attributes."""
+    return lambda z, attrs: call(generator, z, condition(attrs, columns))
 
 
 @contextlib.contextmanager
@@ -123,24 +134,22 @@ def train_gan(cfg: RunConfig) -> GanResult:
     fixed_noise, fixed_labels = fixed_inputs(cfg, len(columns), device)
     dist.seed_everything(cfg.train.seed, accelerator)  # a distinct noise stream per rank
     session.resume()
-
-    def labels_of(batch: dict) -> torch.Tensor | None:
-        return (batch["attrs"][:, columns] > 0).float() if columns else None
+    sampled = ema.module if ema is not None else accelerator.unwrap_model(generator)
 
     def write_samples() -> None:
-        model = ema.module if ema is not None else accelerator.unwrap_model(generator)
-        model.eval()
+        sampled.eval()
         with torch.no_grad():
-            images = call(model, fixed_noise, fixed_labels).float()
-        model.train()
+            images = call(sampled, fixed_noise, fixed_labels).float()
+        sampled.train()
         save_image(images, session.run_dir / "samples" / f"step_{session.state.step:07d}.png", nrow=8,
                    normalize=True, value_range=(-1, 1))
 
+    session.attach(write_samples, sampler(sampled, columns), "generator EMA" if ema is not None else "generator")
     while session.running:
         critic_stats: dict[str, torch.Tensor] = {}
         for critic_step in range(cfg.loss.n_critic):
             batch = session.next_batch()
-            real, labels = batch["images"], labels_of(batch)
+            real, labels = batch["images"], condition(batch["attrs"], columns)
             z = torch.randn(real.shape[0], model_cfg.z_dim, device=device)
             keep_graph = critic_step == cfg.loss.n_critic - 1  # the last fake also trains G
             with torch.set_grad_enabled(keep_graph):
@@ -157,11 +166,26 @@ def train_gan(cfg: RunConfig) -> GanResult:
         opt_g.step()
         if ema is not None:
             ema.update_parameters(accelerator.unwrap_model(generator))
-        session.step_done({**critic_stats, "loss_g": loss_g.detach()}, write_samples)
+        session.step_done({**critic_stats, "loss_g": loss_g.detach()})
 
     session.finish()
     return GanResult(accelerator.unwrap_model(generator), accelerator.unwrap_model(critic),
                      ema.module if ema is not None else None, session.state, session.run_dir)
+
+
+def generator_from_checkpoint(cfg: RunConfig, shared: dict, attribute_names: list[str],
+                              device: torch.device) -> tuple[Generate, str]:
+    """The checkpoint's EMA generator (its raw generator when EMA was off), ready to sample."""
+    columns = attribute_columns(cfg.model.attributes, attribute_names) if cfg.model.name == "cgan" else []
+    generator, _ = build_networks(cfg, len(columns))
+    if "generator_ema" in shared:
+        ema = AveragedModel(generator, use_buffers=True)
+        ema.load_state_dict(shared["generator_ema"])
+        generator, label = ema.module, "generator EMA"
+    else:
+        generator.load_state_dict(shared["generator"])
+        label = "generator"
+    return sampler(generator.to(device).eval(), columns), label
 
 
 def fixed_inputs(cfg: RunConfig, num_labels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

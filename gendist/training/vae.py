@@ -16,6 +16,7 @@ from torchvision.utils import save_image
 from gendist import dist
 from gendist.config import RunConfig
 from gendist.data.loader import ShardStream
+from gendist.eval.evaluator import Generate, Reconstruct
 from gendist.losses.vae import decoded_images, kl_standard_normal, reconstruction_nll
 from gendist.models.vae import ConvVAE
 from gendist.training.common import Session, TrainState, build_optimizer
@@ -34,6 +35,28 @@ def kl_weight(cfg: RunConfig, step: int) -> float:
     return cfg.vae.beta * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
 
+def sampler(net: ConvVAE, likelihood: str) -> Generate:
+    """Prior samples: the decoder's mean image for z ~ N(0, I) (attributes unused)."""
+    return lambda z, attrs: decoded_images(net.decode(z), likelihood)
+
+
+def reconstructor(net: ConvVAE, likelihood: str) -> Reconstruct:
+    """The decoder's mean image at the posterior mean."""
+    return lambda images: decoded_images(net.decode(net.encode(images)[0]), likelihood)
+
+
+def build_vae(cfg: RunConfig) -> ConvVAE:
+    return ConvVAE(cfg.model.z_dim, cfg.model.ngf, cfg.model.ndf, cfg.model.image_size,
+                   learn_sigma=cfg.vae.likelihood == "gaussian_learned")
+
+
+def vae_from_checkpoint(cfg: RunConfig, shared: dict, device: torch.device) -> tuple[Generate, Reconstruct]:
+    net = build_vae(cfg)
+    net.load_state_dict(shared["vae"])
+    net.to(device).eval()
+    return sampler(net, cfg.vae.likelihood), reconstructor(net, cfg.vae.likelihood)
+
+
 def fixed_real_batch(session: Session, count: int) -> torch.Tensor:
     """The first `count` images of epoch 0 as one rank would read them: the same for every run."""
     spec = dataclasses.replace(session.spec, rank=0, world_size=1, batch_size=count)
@@ -45,8 +68,7 @@ def train_vae(cfg: RunConfig) -> VaeResult:
     session = Session(cfg)
     accelerator, device, vae_cfg = session.accelerator, session.device, cfg.vae
     dist.seed_everything(cfg.train.seed)
-    model = ConvVAE(cfg.model.z_dim, cfg.model.ngf, cfg.model.ndf, cfg.model.image_size,
-                    learn_sigma=vae_cfg.likelihood == "gaussian_learned")
+    model = build_vae(cfg)
     optimizer = build_optimizer(model.parameters(), cfg.optim.lr_g, cfg.optim)
     model, optimizer = session.prepare(vae=model, optimizer=optimizer)
     rng = torch.Generator().manual_seed(cfg.train.seed)
@@ -54,13 +76,13 @@ def train_vae(cfg: RunConfig) -> VaeResult:
     originals = fixed_real_batch(session, min(32, cfg.train.num_samples))
     dist.seed_everything(cfg.train.seed, accelerator)
     session.resume()
+    net = accelerator.unwrap_model(model)
+    generate, reconstruct = sampler(net, vae_cfg.likelihood), reconstructor(net, vae_cfg.likelihood)
 
     def write_samples() -> None:
-        net = accelerator.unwrap_model(model)
         net.eval()
         with torch.no_grad():
-            prior = decoded_images(net.decode(fixed_noise), vae_cfg.likelihood)
-            recon = decoded_images(net.decode(net.encode(originals)[0]), vae_cfg.likelihood)
+            prior, recon = generate(fixed_noise, None), reconstruct(originals)
         net.train()
         step = session.state.step
         save_image(prior, session.run_dir / "samples" / f"step_{step:07d}.png", nrow=8, normalize=True, value_range=(-1, 1))
@@ -68,7 +90,7 @@ def train_vae(cfg: RunConfig) -> VaeResult:
         save_image(pairs.flatten(0, 2), session.run_dir / "samples" / f"recon_step_{step:07d}.png", nrow=8,
                    normalize=True, value_range=(-1, 1))
 
-    net = accelerator.unwrap_model(model)
+    session.attach(write_samples, generate, "VAE prior samples (decoder mean)", reconstruct)
     while session.running:
         real = session.next_batch()["images"]
         decoded, mu, logvar = model(real)
@@ -82,7 +104,7 @@ def train_vae(cfg: RunConfig) -> VaeResult:
         values = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "kl_weight": torch.tensor(beta)}
         if net.log_sigma is not None:
             values["sigma"] = net.log_sigma.detach().exp()
-        session.step_done(values, write_samples)
+        session.step_done(values)
 
     session.finish()
     return VaeResult(net, session.state, session.run_dir)

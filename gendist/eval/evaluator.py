@@ -1,0 +1,191 @@
+"""FID, KID and (for VAEs) held-out reconstruction error, computed across ranks.
+
+Every call is collective. Sample i of the generated set comes from noise row i of one seeded
+tensor, each rank generates and embeds a contiguous share, and the features are gathered in
+sample order, so the statistics do not depend on the number of ranks. Generated images are
+quantised to uint8 levels like the real ones (and like a PNG on disk) before Inception.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from gendist import dist
+from gendist.config import RunConfig
+from gendist.data.loader import read_in_order
+from gendist.eval import reference as ref_cache
+from gendist.eval.inception import FidInception, weights_id
+from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
+
+# z (N, z_dim) and the real attributes (N, A, +-1) the sample should have -> images in [-1, 1]
+Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# real images in [-1, 1] -> reconstructions in [-1, 1]
+Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+EVAL_LOG = "eval.jsonl"
+PROTOCOL = "pytorch-fid InceptionV3 pool3 (2048-d), bilinear resize to 299x299, images quantised to uint8"
+
+
+def quantised(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> [0, 1] on the 256 levels a saved image would have."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 255
+
+
+def unit_range(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 N,H,W,3 -> float N,3,H,W in [0, 1]."""
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255
+
+
+class Timer:
+    """Seconds per phase; synchronises CUDA so GPU work is charged to the phase that ran it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class Evaluator:
+    def __init__(self, cfg: RunConfig, accelerator: Accelerator, shard_dir: str) -> None:
+        self.cfg, self.accelerator, self.shard_dir = cfg, accelerator, shard_dir
+        self.device = accelerator.device
+        self.stats_dir = cfg.eval.stats_dir or str(Path(cfg.data.cache_dir).expanduser() / "fid_stats")
+        self._inception: FidInception | None = None
+        self._reference: ref_cache.Reference | None = None
+
+    @property
+    def inception(self) -> FidInception:
+        if self._inception is None:
+            net = FidInception(self.cfg.eval.inception_weights)
+            self._inception = net.to(self.device, memory_format=torch.channels_last)
+        return self._inception
+
+    def _share(self, total: int) -> tuple[int, int]:
+        return dist.chunk_bounds(total, self.accelerator.process_index, self.accelerator.num_processes)
+
+    # -- the real side -------------------------------------------------------------------------
+    def reference(self, timer: Timer | None = None) -> ref_cache.Reference:
+        """The real statistics: from the cache when present, else computed by all ranks and cached."""
+        if self._reference is not None:
+            return self._reference
+        ev = self.cfg.eval
+        key, described = ref_cache.describe(self.shard_dir, ev.split, ev.num_real, weights_id(ev.inception_weights))
+        path = ref_cache.cache_path(self.stats_dir, self.shard_dir, ev.split, described["images"], key)
+        cached = dist.broadcast_from_main(self.accelerator, path.is_file())
+        reference = ref_cache.load(path, key) if cached and self.accelerator.is_main_process else None
+        if not cached:
+            reference = self._build_reference(key, described, path, timer or Timer(self.device))
+        # Only rank 0 computes distances; the others need the attributes (labels) and the description.
+        shared = dist.broadcast_from_main(self.accelerator, None if reference is None else
+                                          (reference.attrs, reference.description, str(reference.path)))
+        if reference is None:
+            empty = np.zeros(0)
+            reference = ref_cache.Reference(empty, empty, empty, empty, shared[0], key, Path(shared[2]), shared[1])
+        self._reference = reference
+        return reference
+
+    def _build_reference(self, key: str, described: dict, path: Path, timer: Timer) -> ref_cache.Reference | None:
+        """Embed the reference images on all ranks; rank 0 computes, caches and returns the statistics."""
+        ev = self.cfg.eval
+        dist.rank_print(self.accelerator, f"FID reference: embedding {described['images']} '{ev.split}' images "
+                                          f"of {self.shard_dir} once; cached at {path}")
+        images, attrs, _ = read_in_order(self.shard_dir, ev.split, self.cfg.model.image_size, ev.num_real)
+        start, end = self._share(len(images))
+        features = []
+        with timer.phase("reference_features"):
+            for i in range(start, end, ev.batch_size):
+                features.append(self.inception(unit_range(images[i:min(i + ev.batch_size, end)], self.device)))
+        gathered = self._gather(features, len(images))
+        if not self.accelerator.is_main_process:
+            return None
+        with timer.phase("reference_statistics"):
+            mu, sigma = feature_statistics(gathered)
+            reference = ref_cache.Reference(mu, sigma, psd_sqrt(sigma), gathered, attrs, key, path, described)
+        ref_cache.save(reference)
+        return reference
+
+    def _gather(self, features: list[torch.Tensor], total: int) -> np.ndarray:
+        local = torch.cat(features) if features else torch.zeros(0, 2048, device=self.device)
+        return dist.gather_rows(self.accelerator, local, total).numpy()
+
+    # -- the generated side --------------------------------------------------------------------
+    def evaluate(self, generate: Generate, step: int, generator_label: str,
+                 reconstruct: Reconstruct | None = None) -> dict:
+        """One evaluation; returns the row (on every rank) that rank 0 appends to eval.jsonl."""
+        ev, timer = self.cfg.eval, Timer(self.device)
+        reference = self.reference(timer)
+        noise = torch.randn(ev.num_samples, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(ev.seed))
+        labels = torch.from_numpy(reference.attrs[np.arange(ev.num_samples) % reference.count]).float()
+        start, end = self._share(ev.num_samples)
+        features = []
+        for i in range(start, end, ev.batch_size):
+            stop = min(i + ev.batch_size, end)
+            with timer.phase("generate"), torch.no_grad():
+                images = quantised(generate(noise[i:stop].to(self.device), labels[i:stop].to(self.device)))
+            with timer.phase("features"):
+                features.append(self.inception(images))
+        with timer.phase("gather"):
+            generated = self._gather(features, ev.num_samples)
+        row: dict = {}
+        if self.accelerator.is_main_process:
+            with timer.phase("statistics"):
+                mu, sigma = feature_statistics(generated)
+            with timer.phase("frechet"):
+                row["fid"] = frechet_distance(reference.mu, reference.sigma, mu, sigma, reference.sqrt_sigma)
+            with timer.phase("kid"):
+                row["kid"], row["kid_std"] = kernel_inception_distance(reference.features, generated, ev.kid_subsets,
+                                                                       ev.kid_subset_size, ev.seed)
+        if reconstruct is not None:
+            row.update(self._reconstruction(reconstruct, timer))
+        row = dist.broadcast_from_main(self.accelerator, row)
+        return {"step": step, **row, "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+                "protocol": self.protocol(reference, generator_label)}
+
+    def _reconstruction(self, reconstruct: Reconstruct, timer: Timer) -> dict:
+        """Mean squared error per pixel (values in [0, 1]) of reconstructions of held-out images."""
+        ev = self.cfg.eval
+        try:
+            images, _, _ = read_in_order(self.shard_dir, ev.recon_split, self.cfg.model.image_size, ev.recon_images)
+        except ValueError as err:  # e.g. a dataset without a held-out split: say so in the row
+            return {"recon_skipped": str(err)}
+        start, end = self._share(len(images))
+        squared = torch.zeros((), dtype=torch.float64, device=self.device)
+        with timer.phase("reconstruction"), torch.no_grad():
+            for i in range(start, end, ev.batch_size):
+                real = unit_range(images[i:min(i + ev.batch_size, end)], self.device)
+                recon = quantised(reconstruct(real * 2 - 1))
+                squared += (recon - real).double().pow(2).sum()
+        total = dist.sum_across_ranks(self.accelerator, squared).item()
+        return {"recon_mse": total / images.size, "recon_images": len(images), "recon_split": ev.recon_split}
+
+    def protocol(self, reference: ref_cache.Reference, generator_label: str) -> dict:
+        ev = self.cfg.eval
+        described = reference.description
+        return {"fid": PROTOCOL, "inception": described["inception"], "generated": ev.num_samples,
+                "generator": generator_label, "noise_seed": ev.seed, "reference_split": described["split"],
+                "reference_images": reference.count, "reference_key": reference.key[:16],
+                "shards": self.shard_dir, "preprocessing": described["preprocessing"],
+                "kid": {"subsets": ev.kid_subsets, "subset_size": min(ev.kid_subset_size, reference.count, ev.num_samples),
+                        "kernel": "(x.y/d + 1)^3"}}
+
+
+def append_row(run_dir: str | Path, row: dict) -> None:
+    with (Path(run_dir) / EVAL_LOG).open("a") as sink:
+        sink.write(json.dumps(row) + "\n")
+
+
+def read_rows(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / EVAL_LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []

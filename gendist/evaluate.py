@@ -1,0 +1,95 @@
+"""Evaluation entry points, the same under every launcher:
+
+    gendist eval RUN_DIR --num-samples 10000                  score a run's latest checkpoint
+    accelerate launch -m gendist.evaluate RUN_DIR             the same, spread over the ranks
+    gendist fid-stats --config configs/dcgan_celeba64.yaml    build the real statistics ahead
+
+The run's own config.yaml defines model, data and protocol; `eval.*` overrides change the
+protocol (e.g. eval.inception_weights=/models/pt_inception-2015-12-05-6726825d.pth).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gendist import dist
+from gendist.checkpoint import latest_checkpoint, load_checkpoint
+from gendist.config import ConfigError, load_config, parse_args_with_overrides
+from gendist.data.shards import read_manifest
+from gendist.eval.evaluator import Evaluator, append_row
+from gendist.eval.inception import InceptionWeightsError
+from gendist.training.common import resolve_shards
+from gendist.training.gan import generator_from_checkpoint
+from gendist.training.vae import vae_from_checkpoint
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run folder (holds config.yaml and checkpoints/)")
+    parser.add_argument("--checkpoint", help="a checkpoint folder to score instead of the latest")
+    parser.add_argument("--num-samples", type=int, help="generated images (eval.num_samples)")
+    parser.add_argument("overrides", nargs="*", metavar="eval.key=value", help="protocol overrides, e.g. eval.split=val")
+
+
+def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="experiment YAML: its data.shards and eval.* define the reference")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.num_real=50000")
+
+
+def evaluate_run(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run_dir)
+    overrides = list(args.overrides) + ([f"eval.num_samples={args.num_samples}"] if args.num_samples else [])
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
+    if checkpoint is None or not (checkpoint / "state.pt").is_file():
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}" if checkpoint is None
+                                else f"{checkpoint} is not a complete checkpoint (no state.pt)")
+    accelerator = dist.build_accelerator("no")
+    shard_dir = resolve_shards(cfg, accelerator)
+    shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
+    reconstruct = None
+    if cfg.model.name == "vae":
+        generate, reconstruct = vae_from_checkpoint(cfg, shared, accelerator.device)
+        label = "VAE prior samples (decoder mean)"
+    else:
+        names = read_manifest(shard_dir)["attribute_names"]
+        generate, label = generator_from_checkpoint(cfg, shared, names, accelerator.device)
+    state = shared["train_state"]
+    row = Evaluator(cfg, accelerator, shard_dir).evaluate(generate, state["step"], label, reconstruct)
+    row.update(images_seen=state["images_seen"], source="gendist eval", checkpoint=str(checkpoint))
+    if accelerator.is_main_process:
+        append_row(run_dir, row)
+        shown = "  ".join(f"{k} {row[k]:.5g}" for k in ("fid", "kid", "kid_std", "recon_mse") if k in row)
+        print(f"{run_dir} step {row['step']}: {shown}\n  seconds: {row['seconds']}\n  protocol: {row['protocol']}")
+    return 0
+
+
+def build_reference(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    accelerator = dist.build_accelerator("no")
+    evaluator = Evaluator(cfg, accelerator, resolve_shards(cfg, accelerator))
+    reference = evaluator.reference()
+    dist.rank_print(accelerator, f"FID reference of {reference.count} '{cfg.eval.split}' images: {reference.path}")
+    return 0
+
+
+def run(command, args: argparse.Namespace) -> int:
+    """Run `command` with user mistakes reported in one line, and the process group closed."""
+    try:
+        return command(args)
+    except (ConfigError, InceptionWeightsError, FileNotFoundError, ValueError) as err:
+        print(f"gendist: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        dist.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gendist.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_eval_arguments(parser)
+    return run(evaluate_run, parse_args_with_overrides(parser, argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""FID/KID maths, the Inception weights path, the reference cache, rank independence, eval and compare."""
+import shutil
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pytorch_fid.fid_score import calculate_frechet_distance
+
+from conftest import BIN, REPO, TINY, launch
+from gendist.cli import main as cli_main
+from gendist.config import load_config
+from gendist.data.loader import read_in_order
+from gendist.data.shards import Preprocess, write_shards
+from gendist.data.synthetic import SyntheticFacesSource
+from gendist.dist import build_accelerator
+from gendist.eval import inception as fid_inception
+from gendist.eval.evaluator import Evaluator, read_rows
+from gendist.eval.inception import FidInception, InceptionWeightsError
+from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance
+from gendist.training.gan import train_gan
+from gendist.training.vae import train_vae
+
+RANDOM_EVAL = ["eval.inception_weights=random", "eval.num_samples=24", "eval.num_real=24", "eval.batch_size=8",
+               "eval.kid_subsets=5", "eval.kid_subset_size=12", "eval.recon_images=16"]
+
+
+def random_spd(rng: np.random.Generator, dims: int) -> np.ndarray:
+    a = rng.normal(size=(dims, dims))
+    return a @ a.T / dims + 0.1 * np.eye(dims)
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
+    var1, var2 = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    # commuting (diagonal) covariances: tr(sqrt(S1 S2)) = sum sqrt(v1 v2)
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum(var1 + var2 - 2 * np.sqrt(var1 * var2))
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(closed, rel=1e-10)
+    # N(0, I) vs N(0, 4I) in d dimensions: d (1 + 4 - 2*2) = d
+    assert frechet_distance(np.zeros(8), np.eye(8), np.zeros(8), 4 * np.eye(8)) == pytest.approx(8.0, rel=1e-12)
+    # general, non-commuting covariances: the same as pytorch-fid's scipy sqrtm path
+    s1, s2 = random_spd(rng, 64), random_spd(rng, 64)
+    expected = calculate_frechet_distance(mu1[:1].repeat(64), s1, mu2[:1].repeat(64), s2)
+    assert frechet_distance(mu1[:1].repeat(64), s1, mu2[:1].repeat(64), s2) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(mu1, np.diag(var1), mu1, np.diag(var1)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 8)), rng.normal(loc=0.5, size=(40, 8))
+    k = lambda a, b: (a @ b.T / 8 + 1) ** 3  # noqa: E731
+    m = 30  # one "subset" of all of x and 30 of y: recompute with the same draw
+    mean, std = kernel_inception_distance(x, y, subsets=1, subset_size=m, seed=3)
+    draw = np.random.default_rng(3)
+    xs, ys = x[draw.choice(30, m, replace=False)], y[draw.choice(40, m, replace=False)]
+    kxx, kyy, kxy = k(xs, xs), k(ys, ys), k(xs, ys)
+    expected = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+    assert mean == pytest.approx(expected, rel=1e-5) and std == 0.0
+    x, other = rng.normal(size=(400, 8)), rng.normal(size=(400, 8))
+    same, _ = kernel_inception_distance(x, other, subsets=20, subset_size=200)
+    shifted, _ = kernel_inception_distance(x, other + 0.5, subsets=20, subset_size=200)
+    assert abs(same) < shifted / 10
+
+
+def test_random_inception_fid_is_zero_on_itself_and_grows_with_a_shift(synthetic_shards):
+    images, _, _ = read_in_order(str(synthetic_shards), "train", 32, limit=16)
+    batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    net = FidInception("random")
+    assert FidInception("random").net.state_dict()["blocks.0.0.conv.weight"].equal(net.net.state_dict()["blocks.0.0.conv.weight"])
+    base = feature_statistics(net(batch).numpy())
+    assert base[0].shape == (2048,)
+    fids = [frechet_distance(*base, *feature_statistics(net((batch + shift).clamp(0, 1)).numpy()))
+            for shift in (0.0, 0.1, 0.3)]
+    assert abs(fids[0]) < 1e-4 * fids[1]  # 16 samples: rank-deficient covariances, round-off only
+    assert 0 < fids[1] < fids[2]
+
+
+def test_missing_weights_name_the_file_and_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(InceptionWeightsError) as err:
+        FidInception("")
+    text = str(err.value)
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth") in text
+    assert fid_inception.WEIGHTS_URL in text and "eval.inception_weights=" in text and "network unreachable" in text
+    with pytest.raises(InceptionWeightsError, match="does not exist"):
+        FidInception(str(tmp_path / "nowhere.pth"))
+    small = tmp_path / "small.pth"
+    small.write_bytes(b"x" * 1000)
+    with pytest.raises(InceptionWeightsError, match="1,000 bytes.*truncated"):
+        FidInception(str(small))
+    foreign = tmp_path / "foreign.pth"
+    with foreign.open("wb") as sink:
+        sink.truncate(fid_inception.TENSOR_BYTES + 1000)  # right size, wrong bytes
+    with pytest.raises(InceptionWeightsError, match="does not start with 6726825d"):
+        FidInception(str(foreign))
+
+
+def test_missing_weights_stop_training_at_start_with_exit_2(tiny_overrides, tmp_path, capsys):
+    code = cli_main(["train", *tiny_overrides, "eval.every=1", f"eval.inception_weights={tmp_path / 'absent.pth'}"])
+    assert code == 2
+    assert "FID Inception weights not found" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def reference_of(shards: Path, stats: Path, *extra: str):
+    cfg = load_config(None, [*TINY, f"data.shards={shards}", *RANDOM_EVAL, f"eval.stats_dir={stats}", *extra])
+    evaluator = Evaluator(cfg, build_accelerator("no"), str(shards))
+    return evaluator, evaluator.reference()
+
+
+def test_reference_statistics_are_cached_and_invalidated_by_the_manifest(tmp_path):
+    shards, stats = tmp_path / "shards", tmp_path / "stats"
+    write_shards(SyntheticFacesSource(64), shards, Preprocess(32), images_per_sample=8, shard_size=40, show_progress=False)
+    first_eval, first = reference_of(shards, stats)
+    assert first.path.is_file() and first.count == 24 and first_eval._inception is not None
+    hit_eval, hit = reference_of(shards, stats)
+    assert hit_eval._inception is None, "a cache hit must not run Inception"
+    assert hit.path == first.path and np.array_equal(hit.sigma, first.sigma) and np.array_equal(hit.attrs, first.attrs)
+    # another split, another count: other statistics
+    assert reference_of(shards, stats, "eval.split=val")[1].path != first.path
+    assert reference_of(shards, stats, "eval.num_real=20")[1].count == 20
+    # the same folder re-converted with another crop: the manifest changed, so must the statistics
+    shutil.rmtree(shards)
+    write_shards(SyntheticFacesSource(64), shards, Preprocess(32, crop_fraction=1.0), images_per_sample=8,
+                 shard_size=40, show_progress=False)
+    changed_eval, changed = reference_of(shards, stats)
+    assert changed.path != first.path and changed_eval._inception is not None
+    assert not np.allclose(changed.mu, first.mu)
+    assert len(list(stats.glob("*.npz"))) == 4
+
+
+def eval_rows_of(run: Path) -> list[dict]:
+    return [row for row in read_rows(run) if row["source"] == "gendist eval"]
+
+
+@pytest.mark.slow
+def test_fid_on_2_processes_equals_fid_in_1_and_the_training_eval(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    train_gan(load_config(None, [*tiny_overrides, *RANDOM_EVAL, "train.steps=3", "eval.every=3",
+                                 f"eval.stats_dir={tmp_path / 'stats-train'}"]))
+    during_training = read_rows(run)[-1]
+    assert cli_main(["eval", str(run), f"eval.stats_dir={tmp_path / 'stats-1'}"]) == 0
+    # 2 ranks, each embedding its half of the reference and of the samples, with their own cache
+    proc = launch("accelerate", tmp_path, [str(run), f"eval.stats_dir={tmp_path / 'stats-2'}"], ["-m", "gendist.evaluate"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = eval_rows_of(run)
+    assert two["protocol"] == one["protocol"] and two["step"] == one["step"] == 3
+    for key in ("fid", "kid"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+        assert during_training[key] == pytest.approx(one[key], rel=1e-5), key
+    assert one["fid"] > 0
+    assert np.allclose(*(np.load(next((tmp_path / f"stats-{n}").glob("*.npz")))["mu"] for n in (1, 2)), rtol=1e-5, atol=1e-7)
+
+
+def test_vae_eval_reports_held_out_reconstruction_error(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    train_vae(load_config(None, [*tiny_overrides, *RANDOM_EVAL, "model.name=vae", "train.steps=2", "eval.every=2",
+                                 f"eval.stats_dir={tmp_path / 'stats'}"]))
+    row = read_rows(run)[-1]
+    assert row["recon_split"] == "val" and row["recon_images"] == 16
+    assert 0 < row["recon_mse"] < 1 and row["fid"] > 0
+    assert row["protocol"]["generator"].startswith("VAE prior samples")
+
+
+@pytest.mark.slow
+def test_compare_reports_table_and_figures_for_real_runs(tiny_overrides, tmp_path):
+    runs = {}
+    for name, extra in {"dcgan": [], "cgan": ["model.attributes=[Male,Smiling]"], "vae": []}.items():
+        runs[name] = tmp_path / name
+        trainer = train_vae if name == "vae" else train_gan
+        trainer(load_config(None, [*tiny_overrides, *RANDOM_EVAL, f"model.name={name}", *extra, "train.steps=4",
+                                   "eval.every=2", "train.sample_every=2", "train.checkpoint_every=4",
+                                   f"eval.stats_dir={tmp_path / 'stats'}", f"train.run_dir={runs[name]}"]))
+    out = tmp_path / "report"
+    assert cli_main(["compare", *map(str, runs.values()), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "(step 4)" in line]
+    assert [row.split(" | ")[1] for row in rows] == ["dcgan", "cgan", "vae"]
+    for name in runs:
+        fid = read_rows(runs[name])[-1]["fid"]
+        assert f"{fid:.2f} (step 4)" in report
+    assert "random-init-seed0 (NOT comparable FID)" in report and "not comparable:**" not in report
+    for figure in ("losses.png", "fid.png", "samples.png", "grids/dcgan.png", "grids/vae.png"):
+        with Image.open(out / figure) as image:
+            assert min(image.size) > 60, figure
+        assert f"]({figure})" in report
+    # a run evaluated under another protocol is flagged, not ranked with the others
+    assert cli_main(["eval", str(runs["dcgan"]), "--num-samples", "20", f"eval.stats_dir={tmp_path / 'stats'}",
+                     *RANDOM_EVAL[:1]]) == 0
+    cli_main(["compare", *map(str, runs.values()), "--out", str(out)])
+    assert "not comparable:**" in (out / "report.md").read_text()
