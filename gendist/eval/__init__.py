@@ -1,0 +1,1 @@
+"""Evaluation: FID/KID with pytorch-fid's Inception, cached real statistics, VAE reconstruction error."""
