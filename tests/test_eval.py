@@ -119,8 +119,10 @@ def reference_of(shards: Path, stats: Path, *extra: str):
 def test_reference_statistics_are_cached_and_invalidated_by_the_manifest(tmp_path):
     shards, stats = tmp_path / "shards", tmp_path / "stats"
     write_shards(SyntheticFacesSource(64), shards, Preprocess(32), images_per_sample=8, shard_size=40, show_progress=False)
+    # built ahead with the command, then found by the evaluator
+    assert cli_main(["fid-stats", *TINY, f"data.shards={shards}", *RANDOM_EVAL, f"eval.stats_dir={stats}"]) == 0
     first_eval, first = reference_of(shards, stats)
-    assert first.path.is_file() and first.count == 24 and first_eval._inception is not None
+    assert first.path.is_file() and first.count == 24 and first_eval._inception is None
     hit_eval, hit = reference_of(shards, stats)
     assert hit_eval._inception is None, "a cache hit must not run Inception"
     assert hit.path == first.path and np.array_equal(hit.sigma, first.sigma) and np.array_equal(hit.attrs, first.attrs)
@@ -135,6 +137,15 @@ def test_reference_statistics_are_cached_and_invalidated_by_the_manifest(tmp_pat
     assert changed.path != first.path and changed_eval._inception is not None
     assert not np.allclose(changed.mu, first.mu)
     assert len(list(stats.glob("*.npz"))) == 4
+
+
+def test_eval_command_names_what_is_missing(tmp_path, capsys):
+    assert cli_main(["eval", str(tmp_path / "no-run")]) == 2
+    assert f"config file not found: {tmp_path / 'no-run' / 'config.yaml'}" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model:\n  name: dcgan\n")
+    assert cli_main(["eval", str(tmp_path / "run")]) == 2
+    assert f"no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}" in capsys.readouterr().err
 
 
 def eval_rows_of(run: Path) -> list[dict]:
