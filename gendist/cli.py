@@ -1,10 +1,10 @@
-"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats and compare."""
+"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, compare and sweep."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import evaluate, train
+from gendist import evaluate, sweep, train
 from gendist.config import parse_args_with_overrides
 from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, write_shards
 from gendist.data.sources import CelebASource, FolderSource
@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate.add_eval_arguments(commands.add_parser("eval", help="FID/KID (and VAE reconstruction error) of a run's checkpoint"))
     evaluate.add_stats_arguments(commands.add_parser("fid-stats", help="compute and cache the real FID statistics ahead"))
+    sweep.add_sweep_arguments(commands.add_parser("sweep", help="a Ray Tune sweep scored by FID (local or on a Ray cluster)"))
     compare = commands.add_parser("compare", help="a Markdown report with table and figures over several runs")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--out", default="report", help="report folder (default: report/)")
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             return train.run(args)
         if args.command == "compare":
             return _compare(args)
+        if args.command == "sweep":
+            return sweep.run_sweep(args)
         return _shards(args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"gendist: error: {err}", file=sys.stderr)

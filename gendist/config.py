@@ -166,7 +166,13 @@ def to_yaml(cfg: Any) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults, then the YAML file at `path`, then `section.key=value` overrides, in that order."""
-    cfg = RunConfig()
+    cfg = load_into(RunConfig(), path, overrides)
+    cfg.validate()
+    return cfg
+
+
+def load_into(target: Any, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """Fill the dataclass `target` from a YAML file, then from dotted overrides; returns it."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -174,7 +180,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        _merge(cfg, loaded, prefix="")
+        _merge(target, loaded, prefix="")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -183,9 +189,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         tree: dict[str, Any] = {leaf: yaml.safe_load(raw) if raw.strip() else ""}
         for parent in reversed(parents):
             tree = {parent: tree}
-        _merge(cfg, tree, prefix="")
-    cfg.validate()
-    return cfg
+        _merge(target, tree, prefix="")
+    return target
 
 
 def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
@@ -239,6 +244,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError("; ".join(errors))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{where}' must be a mapping, got {value!r}")
+        return dict(value)
     if origin in (tuple, list):
         args = typing.get_args(annotation)
         if not isinstance(value, (list, tuple)):

@@ -46,6 +46,15 @@ def build_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Optimize
     return torch.optim.Adam(params, lr=lr, betas=cfg.betas)
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> None:
+    """The config's learning rate (and Adam betas) over what a resumed optimizer state holds: a
+    checkpoint carries state, the config decides hyperparameters (PBT changes them mid-run)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if "betas" in group:
+            group["betas"] = tuple(cfg.betas)
+
+
 def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
     """The shard folder to read; builds the embedded synthetic set on first use (once per node)."""
     if cfg.data.shards != "synthetic":

@@ -23,7 +23,8 @@ from gendist.eval.evaluator import Generate
 from gendist.losses.gan import d_nonsaturating, d_wasserstein, g_nonsaturating, g_wasserstein, gradient_penalty
 from gendist.models.conditional import ConditionalDiscriminator, ConditionalGenerator
 from gendist.models.dcgan import Discriminator, Generator
-from gendist.training.common import Session, TrainState, attribute_columns, build_optimizer
+from gendist.training.common import (Session, TrainState, apply_hyperparameters, attribute_columns,
+                                     build_optimizer)
 
 GAN_FAMILIES = ("dcgan", "cgan", "wgan", "wgan_gp")
 
@@ -134,6 +135,8 @@ def train_gan(cfg: RunConfig) -> GanResult:
     fixed_noise, fixed_labels = fixed_inputs(cfg, len(columns), device)
     dist.seed_everything(cfg.train.seed, accelerator)  # a distinct noise stream per rank
     session.resume()
+    apply_hyperparameters(opt_g, cfg.optim.lr_g, cfg.optim)
+    apply_hyperparameters(opt_d, cfg.optim.lr_d, cfg.optim)
     sampled = ema.module if ema is not None else accelerator.unwrap_model(generator)
 
     def write_samples() -> None:

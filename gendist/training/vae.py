@@ -19,7 +19,7 @@ from gendist.data.loader import ShardStream
 from gendist.eval.evaluator import Generate, Reconstruct
 from gendist.losses.vae import decoded_images, kl_standard_normal, reconstruction_nll
 from gendist.models.vae import ConvVAE
-from gendist.training.common import Session, TrainState, build_optimizer
+from gendist.training.common import Session, TrainState, apply_hyperparameters, build_optimizer
 
 
 @dataclass
@@ -76,6 +76,7 @@ def train_vae(cfg: RunConfig) -> VaeResult:
     originals = fixed_real_batch(session, min(32, cfg.train.num_samples))
     dist.seed_everything(cfg.train.seed, accelerator)
     session.resume()
+    apply_hyperparameters(optimizer, cfg.optim.lr_g, cfg.optim)
     net = accelerator.unwrap_model(model)
     generate, reconstruct = sampler(net, vae_cfg.likelihood), reconstructor(net, vae_cfg.likelihood)
 

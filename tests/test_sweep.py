@@ -1,0 +1,142 @@
+"""Ray Tune sweeps for real, on a local Ray: a 4-trial sweep, interruption and resume, a failing
+trial, and a data-parallel trial of 2 ranks. Tiny models, random-init Inception, 4 steps each."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO
+from gendist.config import ConfigError, load_config
+from gendist.sweep import load_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def write_sweep(tmp_path: Path, shards: Path, space: dict, **settings) -> Path:
+    base = {
+        "data": {"shards": str(shards), "batch_size": 8, "num_workers": 1, "shuffle_pool": 64},
+        "model": {"name": "dcgan", "image_size": 32, "ngf": 8, "ndf": 8, "d_norm": "layer"},
+        "train": {"steps": 4, "log_every": 2, "sample_every": 1000, "checkpoint_every": 1000, "num_samples": 16},
+        "eval": {"every": 2, "inception_weights": "random", "num_samples": 16, "num_real": 16, "batch_size": 8,
+                 "kid_subsets": 2, "kid_subset_size": 8, "stats_dir": str(tmp_path / "stats")},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = {"base": "base.yaml", "space": space,
+             "sweep": {"name": "s", "storage_path": str(tmp_path / "results"), "dashboard": False, **settings}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def gendist_sweep(path: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "RAY_AUTH_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "gendist.sweep", "--config", str(path), *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def trials(tmp_path: Path) -> list[dict]:
+    with (tmp_path / "results" / "s" / "trials.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def trial_dirs(tmp_path: Path) -> list[Path]:
+    experiment = tmp_path / "results" / "s"
+    return sorted(p for p in experiment.glob("run_trial*") if p.is_dir())
+
+
+def test_sweep_file_errors_name_the_problem(tmp_path, synthetic_shards):
+    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_gg": {"loguniform": [1e-4, 1e-3]}})
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr_g'"):
+        load_sweep(path)
+    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"lognormal": [1e-4, 1e-3]}})
+    with pytest.raises(ConfigError, match="give exactly one of loguniform, uniform, randint, choice, grid"):
+        load_sweep(path)
+    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"choice": [1e-4]}})
+    with pytest.raises(ConfigError, match="trials are scored by FID"):
+        load_sweep(path, ["overrides=[eval.every=0]"])
+    with pytest.raises(ConfigError, match="valid keys in the top level: base, overrides, space, sweep"):
+        load_sweep(path, ["sweeps.num_samples=3"])
+
+
+def test_four_trial_sweep_reports_and_writes_the_best_config(tmp_path, synthetic_shards):
+    path = write_sweep(tmp_path, synthetic_shards,
+                       {"optim.lr_g": {"loguniform": [1e-4, 1e-3]}, "optim.betas": {"choice": [[0.5, 0.999], [0.0, 0.9]]}},
+                       num_samples=4, scheduler="asha", grace_period=2)
+    out = finish(gendist_sweep(path))
+    assert "4 trials, 0 failed" in out
+    rows = trials(tmp_path)
+    assert len(rows) == 4 and all(float(row["fid"]) > 0 and row["step"] == "4" for row in rows)
+    best = min(rows, key=lambda row: float(row["fid"]))
+    best_yaml = tmp_path / "results" / "s" / "best_config.yaml"
+    cfg = load_config(best_yaml)  # ready to run: a plain experiment config
+    assert cfg.optim.lr_g == pytest.approx(float(best["optim.lr_g"])) and list(cfg.optim.betas) == json.loads(best["optim.betas"])
+    assert best_yaml.read_text().startswith(f"# Best of sweep s: fid {float(best['fid']):.4f}")
+    for trial in trial_dirs(tmp_path):
+        assert list(trial.glob("events.out.tfevents.*")), "TensorBoard logs"
+        reported = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+        assert [r["step"] for r in reported] == [2, 4] and reported[-1]["fid_samples"] == 16
+        assert (trial / "run" / "checkpoints" / "step_0000004" / "state.pt").is_file()
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, synthetic_shards):
+    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 2e-4, 4e-4, 8e-4]}},
+                       num_samples=1, scheduler="fifo", max_concurrent_trials=1)
+    proc = gendist_sweep(path)
+    deadline = time.time() + 300
+    started: list[Path] = []
+    # one trial at a time: once a third has started, Tune has recorded the first two as finished
+    while len(started) < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        started = [t for t in trial_dirs(tmp_path) if (t / "launches.log").is_file()]
+    assert len(started) == 3 and proc.poll() is None, "the sweep should still be running"
+    started.sort(key=lambda t: json.loads((t / "launches.log").read_text().splitlines()[0])["time"])
+    finished = started[:2]
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does: Tune saves the experiment state and stops
+    proc.communicate(timeout=120)
+    out = finish(gendist_sweep(path, "--resume"))
+    assert "4 trials, 0 failed" in out
+    rows = trials(tmp_path)
+    assert sorted(float(row["optim.lr_g"]) for row in rows) == [1e-4, 2e-4, 4e-4, 8e-4]
+    assert all(row["step"] == "4" for row in rows)
+    for trial in finished:
+        launches = (trial / "launches.log").read_text().splitlines()
+        assert len(launches) == 1, f"{trial.name} finished before the interruption but ran again"
+    assert len(trial_dirs(tmp_path)) == 4
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_completes(tmp_path, synthetic_shards):
+    # WGAN-GP refuses batch norm in its critic: that trial raises on every attempt
+    path = write_sweep(tmp_path, synthetic_shards, {"model.d_norm": {"grid": ["layer", "batch"]}}, num_samples=1,
+                       scheduler="fifo", max_failures=1)
+    out = finish(gendist_sweep(path, "overrides=[model.name=wgan_gp]"))
+    assert "2 trials, 1 failed" in out
+    rows = {row["model.d_norm"]: row for row in trials(tmp_path)}
+    assert float(rows["layer"]["fid"]) > 0 and not rows["layer"]["error"]
+    assert "batch norm" in rows["batch"]["error"] or "batch norm" in out
+    assert rows["batch"]["fid"] == ""
+
+
+def test_a_trial_with_two_workers_trains_data_parallel(tmp_path, synthetic_shards):
+    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"choice": [2e-4]}}, num_samples=1,
+                       workers_per_trial=2, cpus_per_worker=1)
+    finish(gendist_sweep(path))
+    (trial,) = trial_dirs(tmp_path)
+    checkpoint = trial / "run" / "checkpoints" / "step_0000004"
+    assert torch.load(checkpoint / "state.pt", weights_only=True)["world_size"] == 2
+    assert (checkpoint / "rank0.pt").is_file() and (checkpoint / "rank1.pt").is_file()
+    assert "[rank 0/2]" in (trial / "train.log").read_text()
+    assert float(trials(tmp_path)[0]["fid"]) > 0
