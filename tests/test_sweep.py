@@ -17,8 +17,6 @@ from conftest import REPO
 from gendist.config import ConfigError, load_config
 from gendist.sweep import load_sweep
 
-pytestmark = pytest.mark.slow
-
 
 def write_sweep(tmp_path: Path, shards: Path, space: dict, **settings) -> Path:
     base = {
@@ -72,6 +70,7 @@ def test_sweep_file_errors_name_the_problem(tmp_path, synthetic_shards):
         load_sweep(path, ["sweeps.num_samples=3"])
 
 
+@pytest.mark.slow
 def test_four_trial_sweep_reports_and_writes_the_best_config(tmp_path, synthetic_shards):
     path = write_sweep(tmp_path, synthetic_shards,
                        {"optim.lr_g": {"loguniform": [1e-4, 1e-3]}, "optim.betas": {"choice": [[0.5, 0.999], [0.0, 0.9]]}},
@@ -92,6 +91,7 @@ def test_four_trial_sweep_reports_and_writes_the_best_config(tmp_path, synthetic
         assert (trial / "run" / "checkpoints" / "step_0000004" / "state.pt").is_file()
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, synthetic_shards):
     path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 2e-4, 4e-4, 8e-4]}},
                        num_samples=1, scheduler="fifo", max_concurrent_trials=1)
@@ -118,6 +118,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
     assert len(trial_dirs(tmp_path)) == 4
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_sweep_completes(tmp_path, synthetic_shards):
     # WGAN-GP refuses batch norm in its critic: that trial raises on every attempt
     path = write_sweep(tmp_path, synthetic_shards, {"model.d_norm": {"grid": ["layer", "batch"]}}, num_samples=1,
@@ -130,6 +131,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_completes(tmp_path, synthetic
     assert rows["batch"]["fid"] == ""
 
 
+@pytest.mark.slow
 def test_a_trial_with_two_workers_trains_data_parallel(tmp_path, synthetic_shards):
     path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"choice": [2e-4]}}, num_samples=1,
                        workers_per_trial=2, cpus_per_worker=1)
