@@ -64,7 +64,7 @@ def gather_rows(accelerator: Accelerator, rows: torch.Tensor, total: int) -> tor
     """Concatenate every rank's `chunk_bounds` share of rows (on the CPU), in rank order."""
     if accelerator.num_processes == 1:
         return rows.cpu()
-    per_rank = -(-total // accelerator.num_processes)
+    per_rank = chunk_bounds(total, 0, accelerator.num_processes)[1]  # rank 0's share is the largest
     padded = torch.zeros(per_rank, *rows.shape[1:], dtype=rows.dtype, device=accelerator.device)
     padded[:len(rows)] = rows
     parts = [torch.empty_like(padded) for _ in range(accelerator.num_processes)]

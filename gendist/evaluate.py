@@ -47,13 +47,11 @@ def evaluate_run(args: argparse.Namespace) -> int:
     accelerator = dist.build_accelerator("no")
     shard_dir = resolve_shards(cfg, accelerator)
     shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
-    reconstruct = None
     if cfg.model.name == "vae":
-        generate, reconstruct = vae_from_checkpoint(cfg, shared, accelerator.device)
-        label = "VAE prior samples (decoder mean)"
+        generate, label, reconstruct = vae_from_checkpoint(cfg, shared, accelerator.device)
     else:
         names = read_manifest(shard_dir)["attribute_names"]
-        generate, label = generator_from_checkpoint(cfg, shared, names, accelerator.device)
+        generate, label, reconstruct = generator_from_checkpoint(cfg, shared, names, accelerator.device)
     state = shared["train_state"]
     row = Evaluator(cfg, accelerator, shard_dir).evaluate(generate, state["step"], label, reconstruct)
     row.update(images_seen=state["images_seen"], source="gendist eval", checkpoint=str(checkpoint))

@@ -18,6 +18,7 @@ from PIL import Image
 from gendist.checkpoint import latest_checkpoint
 from gendist.config import RunConfig, load_config
 from gendist.eval.evaluator import read_rows
+from gendist.reporting import read_jsonl
 from gendist.training.gan import build_networks
 from gendist.training.vae import build_vae
 
@@ -49,8 +50,7 @@ class RunSummary:
 def load_run(path: Path, name: str) -> RunSummary:
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a gendist run folder (no config.yaml)")
-    metrics_path = path / "metrics.jsonl"
-    metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] if metrics_path.is_file() else []
+    metrics = read_jsonl(path / "metrics.jsonl")
     summary = RunSummary(name, path, load_config(path / "config.yaml"), metrics, read_rows(path))
     checkpoint = latest_checkpoint(path)
     if checkpoint is not None:

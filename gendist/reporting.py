@@ -13,6 +13,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as sink:
+        sink.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file gendist wrote; none if it does not exist."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 class Reporter:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool) -> None:
         self.enabled = enabled
@@ -33,9 +43,7 @@ class Reporter:
         """Record one row of metrics (rank 0) and show it."""
         if not self.enabled:
             return
-        row = {"step": step, "time": round(time.time(), 3), **metrics}
-        with self.metrics_path.open("a") as sink:
-            sink.write(json.dumps(row) + "\n")
+        append_jsonl(self.metrics_path, {"step": step, "time": round(time.time(), 3), **metrics})
         summary = "  ".join(f"{k} {_fmt(v)}" for k, v in metrics.items() if k not in ("epoch", "images_seen"))
         if self.progress is not None:
             self.progress.update(self.task, completed=step, summary=summary)

@@ -7,7 +7,6 @@ quantised to uint8 levels like the real ones (and like a PNG on disk) before Inc
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from gendist.data.loader import read_in_order
 from gendist.eval import reference as ref_cache
 from gendist.eval.inception import FidInception, weights_id
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
+from gendist.reporting import append_jsonl, read_jsonl
 
 # z (N, z_dim) and the real attributes (N, A, +-1) the sample should have -> images in [-1, 1]
 Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +64,7 @@ class Evaluator:
         self.stats_dir = cfg.eval.stats_dir or str(Path(cfg.data.cache_dir).expanduser() / "fid_stats")
         self._inception: FidInception | None = None
         self._reference: ref_cache.Reference | None = None
+        self._held_out: np.ndarray | str | None = None  # the reconstruction images, or why there are none
 
     @property
     def inception(self) -> FidInception:
@@ -156,10 +157,15 @@ class Evaluator:
     def _reconstruction(self, reconstruct: Reconstruct, timer: Timer) -> dict:
         """Mean squared error per pixel (values in [0, 1]) of reconstructions of held-out images."""
         ev = self.cfg.eval
-        try:
-            images, _, _ = read_in_order(self.shard_dir, ev.recon_split, self.cfg.model.image_size, ev.recon_images)
-        except ValueError as err:  # e.g. a dataset without a held-out split: say so in the row
-            return {"recon_skipped": str(err)}
+        if self._held_out is None:  # read once per run, like the reference
+            try:
+                self._held_out = read_in_order(self.shard_dir, ev.recon_split, self.cfg.model.image_size,
+                                               ev.recon_images)[0]
+            except ValueError as err:  # e.g. a dataset without a held-out split: say so in the row
+                self._held_out = str(err)
+        if isinstance(self._held_out, str):
+            return {"recon_skipped": self._held_out}
+        images = self._held_out
         start, end = self._share(len(images))
         squared = torch.zeros((), dtype=torch.float64, device=self.device)
         with timer.phase("reconstruction"), torch.no_grad():
@@ -182,10 +188,8 @@ class Evaluator:
 
 
 def append_row(run_dir: str | Path, row: dict) -> None:
-    with (Path(run_dir) / EVAL_LOG).open("a") as sink:
-        sink.write(json.dumps(row) + "\n")
+    append_jsonl(Path(run_dir) / EVAL_LOG, row)
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / EVAL_LOG
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return read_jsonl(Path(run_dir) / EVAL_LOG)

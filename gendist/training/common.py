@@ -180,11 +180,12 @@ class Session:
             self._log()
         else:
             self.reporter.advance(self.state.step)
+        sample = self.state.step % train.sample_every == 0 or last
         evaluate = self.cfg.eval.every > 0 and (self.state.step % self.cfg.eval.every == 0 or last)
-        if self.state.step % train.sample_every == 0 or last or evaluate:
+        if sample or evaluate:
             for module in self.modules:
                 dist.average_buffers(self.accelerator, module)
-        if (self.state.step % train.sample_every == 0 or last) and self.accelerator.is_main_process:
+        if sample and self.accelerator.is_main_process:
             self._write_samples()
         if evaluate:
             self.evaluate()

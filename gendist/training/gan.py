@@ -55,6 +55,10 @@ def condition(attrs: torch.Tensor, columns: list[int]) -> torch.Tensor | None:
     return (attrs[:, columns] > 0).float() if columns else None
 
 
+def sampler_label(ema: bool) -> str:
+    return "generator EMA" if ema else "generator"
+
+
 def sampler(generator: nn.Module, columns: list[int]) -> Generate:
     """What evaluation scores: the generator (the EMA one in practice) given noise and real attributes."""
     return lambda z, attrs: call(generator, z, condition(attrs, columns))
@@ -147,7 +151,7 @@ def train_gan(cfg: RunConfig) -> GanResult:
         save_image(images, session.run_dir / "samples" / f"step_{session.state.step:07d}.png", nrow=8,
                    normalize=True, value_range=(-1, 1))
 
-    session.attach(write_samples, sampler(sampled, columns), "generator EMA" if ema is not None else "generator")
+    session.attach(write_samples, sampler(sampled, columns), sampler_label(ema is not None))
     while session.running:
         critic_stats: dict[str, torch.Tensor] = {}
         for critic_step in range(cfg.loss.n_critic):
@@ -177,18 +181,19 @@ def train_gan(cfg: RunConfig) -> GanResult:
 
 
 def generator_from_checkpoint(cfg: RunConfig, shared: dict, attribute_names: list[str],
-                              device: torch.device) -> tuple[Generate, str]:
-    """The checkpoint's EMA generator (its raw generator when EMA was off), ready to sample."""
+                              device: torch.device) -> tuple[Generate, str, None]:
+    """The checkpoint's EMA generator (its raw generator when EMA was off), ready to sample, with
+    the label its scores carry; GANs have nothing to reconstruct."""
     columns = attribute_columns(cfg.model.attributes, attribute_names) if cfg.model.name == "cgan" else []
     generator, _ = build_networks(cfg, len(columns))
-    if "generator_ema" in shared:
+    has_ema = "generator_ema" in shared
+    if has_ema:
         ema = AveragedModel(generator, use_buffers=True)
         ema.load_state_dict(shared["generator_ema"])
-        generator, label = ema.module, "generator EMA"
+        generator = ema.module
     else:
         generator.load_state_dict(shared["generator"])
-        label = "generator"
-    return sampler(generator.to(device).eval(), columns), label
+    return sampler(generator.to(device).eval(), columns), sampler_label(has_ema), None
 
 
 def fixed_inputs(cfg: RunConfig, num_labels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

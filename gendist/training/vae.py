@@ -35,6 +35,9 @@ def kl_weight(cfg: RunConfig, step: int) -> float:
     return cfg.vae.beta * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
 
+SAMPLER_LABEL = "VAE prior samples (decoder mean)"
+
+
 def sampler(net: ConvVAE, likelihood: str) -> Generate:
     """Prior samples: the decoder's mean image for z ~ N(0, I) (attributes unused)."""
     return lambda z, attrs: decoded_images(net.decode(z), likelihood)
@@ -50,11 +53,12 @@ def build_vae(cfg: RunConfig) -> ConvVAE:
                    learn_sigma=cfg.vae.likelihood == "gaussian_learned")
 
 
-def vae_from_checkpoint(cfg: RunConfig, shared: dict, device: torch.device) -> tuple[Generate, Reconstruct]:
+def vae_from_checkpoint(cfg: RunConfig, shared: dict, device: torch.device) -> tuple[Generate, str, Reconstruct]:
+    """The checkpoint's VAE, ready to sample and reconstruct, with the label its scores carry."""
     net = build_vae(cfg)
     net.load_state_dict(shared["vae"])
     net.to(device).eval()
-    return sampler(net, cfg.vae.likelihood), reconstructor(net, cfg.vae.likelihood)
+    return sampler(net, cfg.vae.likelihood), SAMPLER_LABEL, reconstructor(net, cfg.vae.likelihood)
 
 
 def fixed_real_batch(session: Session, count: int) -> torch.Tensor:
@@ -91,7 +95,7 @@ def train_vae(cfg: RunConfig) -> VaeResult:
         save_image(pairs.flatten(0, 2), session.run_dir / "samples" / f"recon_step_{step:07d}.png", nrow=8,
                    normalize=True, value_range=(-1, 1))
 
-    session.attach(write_samples, generate, "VAE prior samples (decoder mean)", reconstruct)
+    session.attach(write_samples, generate, SAMPLER_LABEL, reconstruct)
     while session.running:
         real = session.next_batch()["images"]
         decoded, mu, logvar = model(real)
