@@ -3,6 +3,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -97,3 +98,21 @@ def test_entry_point_two_processes_then_resume(tiny_overrides, tmp_path):
 def latest_step(run: Path) -> int | None:
     found = list_checkpoints(run)
     return int(found[-1].name.split("_")[1]) if found else None
+
+
+def test_loader_workers_are_gone_when_training_returns(tiny_overrides):
+    """The stream is closed at the end: workers left to the garbage collector each wait out a 5 s
+    shutdown timeout at some later, random point."""
+    train_gan(load_config(None, [*tiny_overrides, "train.steps=2", "data.num_workers=2"]))
+    assert psutil.Process().children(recursive=True) == []
+
+
+def test_resume_applies_the_configs_learning_rate_and_betas(tiny_overrides, tmp_path):
+    """A checkpoint carries optimizer state; the config decides hyperparameters (PBT changes them)."""
+    common = [*tiny_overrides, "train.checkpoint_every=2"]
+    train_gan(load_config(None, [*common, "train.steps=2"]))
+    train_gan(load_config(None, [*common, "train.steps=3", "optim.lr_g=1e-3", "optim.lr_d=5e-4", "optim.betas=[0.0,0.9]"]))
+    shared, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000003", rank=0)
+    assert [g["lr"] for g in shared["opt_g"]["param_groups"]] == [1e-3]
+    assert [g["lr"] for g in shared["opt_d"]["param_groups"]] == [5e-4]
+    assert tuple(shared["opt_g"]["param_groups"][0]["betas"]) == (0.0, 0.9)
