@@ -3,6 +3,7 @@ reductions, buffer averaging, rank-aware printing and shutdown. Models, losses a
 free of torch.distributed."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -13,11 +14,25 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 
 
+def join_restartable_group() -> None:
+    """Join the launcher's process group under a store prefix per restart attempt. torch elastic
+    (torchrun / accelerate launch --max_restarts) keeps one store across attempts, and a restarted
+    worker may read the dead attempt's peer addresses and fail to connect (seen with torch 2.14
+    and gloo in 2 of 4 restarts). Accelerate then uses this group as it is."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch_dist.is_initialized():
+        return
+    store, rank, world_size = next(torch_dist.rendezvous("env://"))
+    torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size,
+                                  store=torch_dist.PrefixStore(f"gendist/attempt_{attempt}", store))
+
+
 def build_accelerator(mixed_precision: str) -> Accelerator:
     # broadcast_buffers=False: the discriminator runs several forwards (real, fake) before one
     # backward, and a buffer broadcast at each forward would rewrite batch-norm state between
     # them. Buffers are averaged explicitly instead (average_buffers) before they are used.
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    join_restartable_group()
     # Without cpu=True, a multi-process launch on a machine without CUDA silently starts
     # independent single-process runs; with it, the ranks join one gloo group.
     accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
@@ -89,6 +104,24 @@ def broadcast_from_main(accelerator: Accelerator, obj: Any) -> Any:
     return holder[0]
 
 
+@functools.cache
+def _cpu_group() -> torch_dist.ProcessGroup | None:
+    """A gloo group beside NCCL, for control flags; None means the default group is gloo already."""
+    if torch_dist.get_backend() == "gloo":
+        return None
+    return torch_dist.new_group(backend="gloo")
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (collective). It runs on the CPU, so a
+    GPU run calling it every step does not wait for its queued kernels."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX, group=_cpu_group())
+    return bool(value.item())
+
+
 def rank_print(accelerator: Accelerator, message: str) -> None:
     """Print on the main process only, tagged with the world size when distributed."""
     if accelerator.is_main_process:
@@ -100,3 +133,4 @@ def shutdown() -> None:
     if torch_dist.is_available() and torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+        _cpu_group.cache_clear()

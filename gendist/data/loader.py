@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gendist.data.shards import read_manifest
+from gendist.stopping import ignore_in_worker
 
 
 def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
@@ -208,4 +209,5 @@ def make_loader(spec: StreamSpec, num_workers: int, epoch: int = 0, skip_batches
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(spec.seed),
         persistent_workers=False,
+        worker_init_fn=ignore_in_worker,
     )

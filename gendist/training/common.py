@@ -20,6 +20,7 @@ from gendist.data.shards import MANIFEST, Preprocess, read_manifest, write_shard
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
 from gendist.eval.evaluator import Evaluator, Generate, Reconstruct, append_row
 from gendist.reporting import Reporter
+from gendist.stopping import StopRequests
 
 
 @dataclass
@@ -109,6 +110,9 @@ class Session:
         self._generate: Generate | None = None
         self._reconstruct: Reconstruct | None = None
         self._generator_label = ""
+        self.stop_requests = StopRequests()
+        self.stop_requests.install()
+        self.stopped_early = False
 
     # -- set-up ------------------------------------------------------------------------------
     def prepare(self, **objects: Any) -> list[Any]:
@@ -166,7 +170,7 @@ class Session:
     # -- cadence -----------------------------------------------------------------------------
     @property
     def running(self) -> bool:
-        return self.state.step < self.cfg.train.steps
+        return self.state.step < self.cfg.train.steps and not self.stopped_early
 
     def step_done(self, values: dict[str, torch.Tensor]) -> None:
         """Count a step, accumulate its values, and log / sample / evaluate / checkpoint on their cadence."""
@@ -189,8 +193,21 @@ class Session:
             self._write_samples()
         if evaluate:
             self.evaluate()
-        if self.state.step % train.checkpoint_every == 0 or last:
+        saved = self.state.step % train.checkpoint_every == 0 or last
+        if saved:
             self.save()
+        if not last and dist.any_rank(self.accelerator, self.stop_requests.requested):
+            self._stop_early(saved)
+
+    def _stop_early(self, saved: bool) -> None:
+        """A stop signal reached some rank during this step: log the partial window, checkpoint, end."""
+        self.stopped_early = True
+        if self._window_steps:
+            self._log()
+        if not saved:
+            self.save()
+        self.reporter.message(f"stopping at step {self.state.step} on {self.stop_requests.describe()}: checkpoint "
+                              f"written; the same command with train.run_dir={self.run_dir} resumes")
 
     def evaluate(self) -> dict:
         """Score the current models (collective); its time is kept out of the images/s window."""
@@ -238,13 +255,17 @@ class Session:
             shared["scaler"] = self.accelerator.scaler.state_dict()
         save_checkpoint(self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints)
 
-    def finish(self) -> None:
-        # Stop the loader workers now: left to the garbage collector, the stream dies inside a
-        # reference cycle whose queues may be finalised first, and each worker then takes its
-        # 5 s shutdown timeout.
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        # Stop the loader workers now, also on an error: left to the garbage collector, the stream
+        # dies inside a reference cycle whose queues may be finalised first, and each worker then
+        # takes its 5 s shutdown timeout.
         self._batches.close()
+        self.stop_requests.restore()
         if self.reporter is not None:
             self.reporter.close()
-        if self.state.train_seconds > 0:
+        if exc_type is None and self.state.train_seconds > 0:
             dist.rank_print(self.accelerator, f"done: step {self.state.step}, {self.state.images_seen} real images seen, "
                             f"{self.state.images_seen / self.state.train_seconds:.1f} images/s over the logged training time")

@@ -152,30 +152,30 @@ def train_gan(cfg: RunConfig) -> GanResult:
                    normalize=True, value_range=(-1, 1))
 
     session.attach(write_samples, sampler(sampled, columns), sampler_label(ema is not None))
-    while session.running:
-        critic_stats: dict[str, torch.Tensor] = {}
-        for critic_step in range(cfg.loss.n_critic):
-            batch = session.next_batch()
-            real, labels = batch["images"], condition(batch["attrs"], columns)
-            z = torch.randn(real.shape[0], model_cfg.z_dim, device=device)
-            keep_graph = critic_step == cfg.loss.n_critic - 1  # the last fake also trains G
-            with torch.set_grad_enabled(keep_graph):
-                fake = call(generator, z, labels)
-            stats = discriminator_step(accelerator, critic, opt_d, cfg, real, fake, labels)
-            for name, value in stats.items():
-                critic_stats[name] = critic_stats.get(name, 0.0) + value / cfg.loss.n_critic
+    with session:
+        while session.running:
+            critic_stats: dict[str, torch.Tensor] = {}
+            for critic_step in range(cfg.loss.n_critic):
+                batch = session.next_batch()
+                real, labels = batch["images"], condition(batch["attrs"], columns)
+                z = torch.randn(real.shape[0], model_cfg.z_dim, device=device)
+                keep_graph = critic_step == cfg.loss.n_critic - 1  # the last fake also trains G
+                with torch.set_grad_enabled(keep_graph):
+                    fake = call(generator, z, labels)
+                stats = discriminator_step(accelerator, critic, opt_d, cfg, real, fake, labels)
+                for name, value in stats.items():
+                    critic_stats[name] = critic_stats.get(name, 0.0) + value / cfg.loss.n_critic
 
-        with frozen(critic), accelerator.no_sync(critic):
-            scores = call(critic, fake, labels)
-        loss_g = g_wasserstein(scores) if model_cfg.name in ("wgan", "wgan_gp") else g_nonsaturating(scores)
-        opt_g.zero_grad(set_to_none=True)
-        accelerator.backward(loss_g)
-        opt_g.step()
-        if ema is not None:
-            ema.update_parameters(accelerator.unwrap_model(generator))
-        session.step_done({**critic_stats, "loss_g": loss_g.detach()})
+            with frozen(critic), accelerator.no_sync(critic):
+                scores = call(critic, fake, labels)
+            loss_g = g_wasserstein(scores) if model_cfg.name in ("wgan", "wgan_gp") else g_nonsaturating(scores)
+            opt_g.zero_grad(set_to_none=True)
+            accelerator.backward(loss_g)
+            opt_g.step()
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(generator))
+            session.step_done({**critic_stats, "loss_g": loss_g.detach()})
 
-    session.finish()
     return GanResult(accelerator.unwrap_model(generator), accelerator.unwrap_model(critic),
                      ema.module if ema is not None else None, session.state, session.run_dir)
 

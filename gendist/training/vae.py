@@ -96,20 +96,20 @@ def train_vae(cfg: RunConfig) -> VaeResult:
                    normalize=True, value_range=(-1, 1))
 
     session.attach(write_samples, generate, SAMPLER_LABEL, reconstruct)
-    while session.running:
-        real = session.next_batch()["images"]
-        decoded, mu, logvar = model(real)
-        recon = reconstruction_nll(decoded, real, vae_cfg.likelihood, vae_cfg.gaussian_std, net.log_sigma)
-        kl = kl_standard_normal(mu, logvar)
-        beta = kl_weight(cfg, session.state.step + 1)
-        loss = recon + beta * kl
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        values = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "kl_weight": torch.tensor(beta)}
-        if net.log_sigma is not None:
-            values["sigma"] = net.log_sigma.detach().exp()
-        session.step_done(values)
+    with session:
+        while session.running:
+            real = session.next_batch()["images"]
+            decoded, mu, logvar = model(real)
+            recon = reconstruction_nll(decoded, real, vae_cfg.likelihood, vae_cfg.gaussian_std, net.log_sigma)
+            kl = kl_standard_normal(mu, logvar)
+            beta = kl_weight(cfg, session.state.step + 1)
+            loss = recon + beta * kl
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            values = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "kl_weight": torch.tensor(beta)}
+            if net.log_sigma is not None:
+                values["sigma"] = net.log_sigma.detach().exp()
+            session.step_done(values)
 
-    session.finish()
     return VaeResult(net, session.state, session.run_dir)
