@@ -259,9 +259,10 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.config, args.overrides)
     address = args.address or os.environ.get("RAY_ADDRESS")
-    # A local Ray (no address) starts here; its dashboard listens on 127.0.0.1 only.
+    # Without an address a new local Ray starts here ("local": never a cluster that `ray start` left
+    # on this machine); its dashboard listens on 127.0.0.1 only.
     started = time.perf_counter()
-    ray.init(address=address, include_dashboard=sweep.sweep.dashboard if not address else None,
+    ray.init(address=address or "local", include_dashboard=sweep.sweep.dashboard if not address else None,
              log_to_driver=False)
     print(f"ray {'connected to ' + address if address else 'started locally'} in {time.perf_counter() - started:.1f} s; "
           f"resources: {ray.cluster_resources()}", flush=True)

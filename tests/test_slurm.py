@@ -172,8 +172,11 @@ def test_sweep_sbatch_runs_a_sweep_on_a_ray_cluster_in_the_job(slurm, synthetic_
     path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 4e-4]}}, num_samples=1,
                        scheduler="fifo")
     env = {**slurm, "SWEEP": str(path), "RAY_AUTH_MODE": "disabled"}
+    address_file = Path("/tmp/ray/ray_current_cluster")  # what `ray start --head` leaves until `ray stop`
+    had_cluster = address_file.exists()
     job, code = sbatch(env, "sweep.sbatch", wait=True, output=str(tmp_path / "job.out"))
     log = (tmp_path / "job.out").read_text()
     assert code == 0, log[-4000:]
     assert "Ray cluster up: 1 nodes" in log and "2 trials, 0 failed" in log, log[-4000:]
     assert (tmp_path / "results" / "s" / "best_config.yaml").is_file()
+    assert had_cluster or not address_file.exists(), "the job's Ray cluster was not stopped"
