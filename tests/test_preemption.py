@@ -90,6 +90,7 @@ def two_rank_weights(synthetic_shards, tmp_path_factory) -> dict:
     return weights(run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, to_group", [(signal.SIGUSR1, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
                          ids=["SIGUSR1", "SIGTERM-to-group", "SIGINT-to-group"])
 def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_matches(signum, to_group, one_rank_weights,

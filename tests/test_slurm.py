@@ -38,6 +38,7 @@ def final_state(run_dir: Path) -> dict:
     return torch.load(latest_checkpoint(run_dir) / "state.pt", weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
 def test_node_script_joins_two_nodes_from_slurm_variables(launcher, synthetic_shards, tmp_path):
     """What each node's srun task runs in train.sbatch, with the variables SLURM gives it: two
