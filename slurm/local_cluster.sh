@@ -7,6 +7,7 @@
 #   export SLURM_CONF=STATE_DIR/slurm.conf  # then sbatch, squeue, scontrol talk to it
 #   slurm/local_cluster.sh stop STATE_DIR
 set -euo pipefail
+export PATH=$PATH:/usr/sbin:/sbin  # the daemons live there
 
 command=${1:?usage: local_cluster.sh install|start STATE_DIR|stop STATE_DIR}
 

@@ -68,7 +68,7 @@ def test_node_script_joins_two_nodes_from_slurm_variables(launcher, synthetic_sh
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory) -> dict:
     """A single-node SLURM on this machine for these tests; skipped, with the reason, where none can run."""
-    if shutil.which("slurmctld") is None:
+    if shutil.which("slurmctld", path=f"{os.environ['PATH']}:/usr/sbin") is None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             pytest.skip("SLURM is not installed and cannot be installed here (needs root and apt-get for "
                         "slurm-wlm and munge)")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -142,3 +143,27 @@ def test_a_trial_with_two_workers_trains_data_parallel(tmp_path, synthetic_shard
     assert (checkpoint / "rank0.pt").is_file() and (checkpoint / "rank1.pt").is_file()
     assert "[rank 0/2]" in (trial / "train.log").read_text()
     assert float(trials(tmp_path)[0]["fid"]) > 0
+
+
+@pytest.mark.slow
+def test_a_trainer_stopped_by_a_signal_is_retried_from_its_last_report(tmp_path, synthetic_shards):
+    """SLURM's SIGTERM can reach a trial's training process itself: it checkpoints and exits 0
+    mid-run. The trial must not count as finished; Tune retries it from its last reported checkpoint."""
+    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"choice": [2e-4]}}, num_samples=1,
+                       scheduler="fifo", max_failures=1)
+    proc = gendist_sweep(path, "overrides=[train.steps=400,eval.every=200]")
+    deadline = time.time() + 300
+    first = "run/checkpoints/step_0000200/state.pt"  # the first evaluation's checkpoint: then it is reported
+    while not any((trial / first).is_file() for trial in trial_dirs(tmp_path)):
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint at the first evaluation"
+        time.sleep(0.1)
+    trainers = [p for p in psutil.process_iter(["cmdline"])
+                if "gendist.train" in (p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])]
+    (trainer,) = [p for p in trainers if p.parent() not in trainers]  # not its data-loader worker
+    trainer.send_signal(signal.SIGTERM)
+    out = finish(proc)
+    assert "1 trials, 0 failed" in out and trials(tmp_path)[0]["step"] == "400"
+    (trial,) = trial_dirs(tmp_path)
+    launches = [json.loads(line)["from_step"] for line in (trial / "launches.log").read_text().splitlines()]
+    assert launches == [0, 200]
+    assert "stopping at step" in (trial / "train.log").read_text()
