@@ -145,21 +145,34 @@ def test_a_trial_with_two_workers_trains_data_parallel(tmp_path, synthetic_shard
     assert float(trials(tmp_path)[0]["fid"]) > 0
 
 
+def training_process(tmp_path: Path) -> tuple[psutil.Process, Path] | None:
+    """The trial's training process and its run folder: the trial works in Ray's session folder
+    (synced to storage_path later), which only its command line names."""
+    for candidate in psutil.process_iter(["cmdline"]):
+        cmdline = candidate.info["cmdline"] or []
+        try:
+            if "gendist.train" in cmdline and str(tmp_path) in " ".join(cmdline) and \
+                    "gendist.train" not in candidate.parent().cmdline():  # not its data-loader worker
+                return candidate, Path(next(a.split("=", 1)[1] for a in cmdline if a.startswith("train.run_dir=")))
+        except psutil.Error:
+            continue
+    return None
+
+
 @pytest.mark.slow
 def test_a_trainer_stopped_by_a_signal_is_retried_from_its_last_report(tmp_path, synthetic_shards):
     """SLURM's SIGTERM can reach a trial's training process itself: it checkpoints and exits 0
     mid-run. The trial must not count as finished; Tune retries it from its last reported checkpoint."""
     path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"choice": [2e-4]}}, num_samples=1,
-                       scheduler="fifo", max_failures=1)
+                       scheduler="fifo", max_failures=1, cpus_per_worker=2)  # both cores: 2 threads
     proc = gendist_sweep(path, "overrides=[train.steps=400,eval.every=200]")
     deadline = time.time() + 300
-    first = "run/checkpoints/step_0000200/state.pt"  # the first evaluation's checkpoint: then it is reported
-    while not any((trial / first).is_file() for trial in trial_dirs(tmp_path)):
+    found = None
+    while found is None or not (found[1] / "checkpoints" / "step_0000200" / "state.pt").is_file():
         assert time.time() < deadline and proc.poll() is None, "no checkpoint at the first evaluation"
         time.sleep(0.1)
-    trainers = [p for p in psutil.process_iter(["cmdline"])
-                if "gendist.train" in (p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])]
-    (trainer,) = [p for p in trainers if p.parent() not in trainers]  # not its data-loader worker
+        found = found or training_process(tmp_path)
+    trainer = found[0]
     trainer.send_signal(signal.SIGTERM)
     out = finish(proc)
     assert "1 trials, 0 failed" in out and trials(tmp_path)[0]["step"] == "400"
