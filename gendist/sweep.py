@@ -233,28 +233,21 @@ def build_tuner(sweep: SweepConfig, resume: bool):
     return tuner, experiment
 
 
-def trial_steps(sweep: SweepConfig, values: dict[str, Any]) -> int:
-    return load_config(sweep.base, [*sweep.overrides, *(f"{k}={json.dumps(v)}" for k, v in values.items())]).train.steps
-
-
-def summarise(sweep: SweepConfig, results, experiment: Path) -> tuple[Path | None, int]:
-    """trials.csv for every trial, and best_config.yaml: the base config with the best values.
-    Returns that file and the number of unfinished trials (an interrupted sweep)."""
+def summarise(sweep: SweepConfig, results, experiment: Path) -> Path | None:
+    """trials.csv for every trial, and best_config.yaml: the base config with the best values."""
     metric = sweep.sweep.metric
     rows = []
     for result in results:
-        step = (result.metrics or {}).get("step")
-        rows.append({"trial": Path(result.path).name, **result.config, metric: (result.metrics or {}).get(metric),
-                     "step": step, "finished": step is not None and step >= trial_steps(sweep, result.config),
+        rows.append({"trial": Path(result.path).name, **result.config,
+                     metric: (result.metrics or {}).get(metric), "step": (result.metrics or {}).get("step"),
                      "error": str(result.error).splitlines()[0] if result.error else ""})
     with (experiment / "trials.csv").open("w", newline="") as sink:
         writer = csv.DictWriter(sink, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows)
-    unfinished = sum(1 for row in rows if not row["finished"] and not row["error"])
     scored = [result for result in results if result.metrics and result.metrics.get(metric) is not None]
     if not scored:
-        return None, unfinished
+        return None
     best = min(scored, key=lambda result: result.metrics[metric])
     cfg = load_config(sweep.base, [*sweep.overrides, *(f"{k}={json.dumps(v)}" for k, v in best.config.items())])
     cfg.train.run_dir = f"runs/{sweep.sweep.name}_best"
@@ -263,7 +256,7 @@ def summarise(sweep: SweepConfig, results, experiment: Path) -> tuple[Path | Non
               f"{Path(best.path).name}.\n# Values found: {json.dumps(best.config)}\n")
     path = experiment / "best_config.yaml"
     path.write_text(header + to_yaml(cfg))
-    return path, unfinished
+    return path
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -281,12 +274,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     try:
         tuner, experiment = build_tuner(sweep, args.resume)
         results = tuner.fit()
-        best, unfinished = summarise(sweep, results, experiment)
+        best = summarise(sweep, results, experiment)
     finally:
         ray.shutdown()
     errors = sum(1 for result in results if result.error)
-    print(f"sweep {experiment}: {len(results)} trials, {errors} failed, {unfinished} unfinished; trials.csv written"
-          + (" (interrupted: `gendist sweep --resume` continues it)" if unfinished else ""))
+    print(f"sweep {experiment}: {len(results)} trials, {errors} failed; trials.csv written")
     print(f"best config: {best}" if best else "no trial reported a score")
     return 0
 
