@@ -43,7 +43,12 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.pt").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint folder (step_NNNNNNN)."""
+    return int(STEP_DIR.match(path.name).group(1))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -20,7 +20,7 @@ class StopRequests:
     def __init__(self) -> None:
         self.received: list[str] = []
         self._previous: dict[int, object] = {}
-        self._owner_pid = os.getpid()
+        self._owner_pid = 0  # the process that installed the handlers
 
     def install(self) -> None:
         self._owner_pid = os.getpid()

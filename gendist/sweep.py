@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from gendist.checkpoint import checkpoint_root, latest_checkpoint
+from gendist.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoint
 from gendist.config import ConfigError, RunConfig, load_config, load_into, parse_args_with_overrides, to_yaml
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -161,7 +161,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         tail = (trial_dir / "train.log").read_text().splitlines()[-25:]
         raise RuntimeError(f"training exited with {proc.returncode}; last lines of {trial_dir / 'train.log'}:\n" + "\n".join(tail))
     latest = latest_checkpoint(run_dir)
-    reached = int(latest.name.removeprefix("step_")) if latest is not None else 0
+    reached = checkpoint_step(latest) if latest is not None else 0
     if reached < cfg.train.steps:  # a stop signal from outside Tune (e.g. SLURM's SIGTERM to every process)
         raise RuntimeError(f"training stopped at step {reached} of {cfg.train.steps} on a signal; "
                            "the trial is retried from its last reported checkpoint")

@@ -22,10 +22,11 @@ STEPS = 40
 
 
 def test_scripts_parse_and_pass_shellcheck():
-    assert {p.name for p in SCRIPTS} >= {"train.sbatch", "sweep.sbatch", "eval.sbatch", "node.sh", "local_cluster.sh"}
+    assert {p.name for p in SCRIPTS} >= {"train.sbatch", "sweep.sbatch", "eval.sbatch", "common.sh", "node.sh", "local_cluster.sh"}
     for script in SCRIPTS:
         subprocess.run(["bash", "-n", str(script)], check=True)
-    checked = subprocess.run([str(BIN / "shellcheck"), *map(str, SCRIPTS)], capture_output=True, text=True)
+    # -x: also check what the batch scripts source (slurm/common.sh), by its path from the root
+    checked = subprocess.run([str(BIN / "shellcheck"), "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout
 
 
