@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, shared: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank must call it. `shared` is written by rank 0; RNG by every rank."""
+def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, shared: dict[str, Any], keep: int,
+                    write_sharded: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank must call it. `shared` is written by rank 0; RNG by every rank, and
+    `write_sharded(folder)` (collective too) by every rank into the same unfinished folder."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:07d}"
     partial = root / f".step_{step:07d}.partial"
@@ -66,6 +69,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, sh
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
     torch.save(rng_state(), partial / f"rank{accelerator.process_index}.pt")
+    if write_sharded is not None:
+        write_sharded(partial)
     if accelerator.is_main_process:
         torch.save(shared, partial / "state.pt")
     accelerator.wait_for_everyone()

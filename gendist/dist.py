@@ -13,6 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 
+from gendist.engines import accelerate_without_deepspeed
+
 
 def join_restartable_group() -> None:
     """Join the launcher's process group under a store prefix per restart attempt. torch elastic
@@ -35,7 +37,8 @@ def build_accelerator(mixed_precision: str) -> Accelerator:
     join_restartable_group()
     # Without cpu=True, a multi-process launch on a machine without CUDA silently starts
     # independent single-process runs; with it, the ranks join one gloo group.
-    accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    with accelerate_without_deepspeed():
+        accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise RuntimeError(f"the launcher started {launched} processes but only {accelerator.num_processes} joined the "

@@ -28,6 +28,9 @@ BIN = Path(sys.executable).parent
 TINY = ["model.image_size=32", "model.ngf=8", "model.ndf=8", "data.batch_size=8", "data.num_workers=1",
         "data.shuffle_pool=64", "train.log_every=2", "train.sample_every=1000", "train.checkpoint_every=1000",
         "train.num_samples=16"]
+# FID/KID with a seeded random Inception on a few dozen images: the protocol, not the number
+RANDOM_EVAL = ["eval.inception_weights=random", "eval.num_samples=24", "eval.num_real=24", "eval.batch_size=8",
+               "eval.kid_subsets=5", "eval.kid_subset_size=12", "eval.recon_images=16"]
 
 
 def free_port() -> int:
@@ -108,13 +111,28 @@ def assert_same_run(reference: dict, resumed: dict) -> None:
         torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-9)
 
 
+def assert_ranks_agree(out: Path, families: list[str], proc: subprocess.CompletedProcess, samples_at: int) -> None:
+    """family_worker.py's results: each family saved by both ranks, with identical weights, and its
+    sample grid written at step `samples_at`."""
+    for family in families:
+        paths = [out / f"{family}-rank{r}.pt" for r in range(2)]
+        assert all(p.exists() for p in paths), f"{family}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
+        ranks = [torch.load(p, weights_only=True) for p in paths]
+        assert [r["world_size"] for r in ranks] == [2, 2]
+        for part in ranks[0].keys() - {"world_size"}:
+            assert_same_weights(ranks[0][part], ranks[1][part])
+        assert (out / family / "samples" / f"step_{samples_at:07d}.png").exists()
+
+
 def launch(kind: str, out: Path, overrides: list[str], script: list[str]) -> subprocess.CompletedProcess:
-    """Start 2 real processes (accelerate or torchrun) on CPU; the log goes to out/<kind>.log."""
+    """Start 2 real processes on CPU: accelerate (DDP), deepspeed (accelerate with the ZeRO-2 config)
+    or torchrun; the log goes to out/<kind>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     port = str(free_port())
-    if kind == "accelerate":
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-               "--main_process_port", port, *script]
+    if kind in ("accelerate", "deepspeed"):
+        config = "cpu_2proc.yaml" if kind == "accelerate" else "ds_zero2.yaml"
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch" / config),
+               "--num_processes", "2", "--main_process_port", port, *script]
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, *script]
     proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -1,11 +1,12 @@
 """One WGAN-GP critic step on a deterministic batch of 2B samples: with N processes each rank takes
-its B = 2B/N slice; rank 0 saves the critic's parameters. Run with plain python for N = 1."""
+its B = 2B/N slice; rank 0 saves the critic's parameters. Run with plain python for N = 1; under a
+DeepSpeed launch config the critic is a DeepSpeed engine."""
 import sys
 
 import torch
 import torch.distributed as torch_dist
 
-from gendist import dist
+from gendist import dist, engines
 from gendist.config import load_config
 from gendist.models.dcgan import Discriminator
 from gendist.training.gan import discriminator_step
@@ -17,12 +18,19 @@ accelerator = dist.build_accelerator("no")
 torch.manual_seed(0)
 critic = Discriminator(ndf=4, image_size=16, norm="layer")
 optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr_d, betas=cfg.optim.betas)
-critic, optimizer = accelerator.prepare(critic, optimizer)
+settings = engines.launch_settings()
+if settings is None:
+    critic, optimizer = accelerator.prepare(critic, optimizer)
+    update = engines.Update(accelerator, optimizer)
+else:
+    cfg.data.batch_size = total // accelerator.num_processes
+    critic = engines.build_engine(critic, optimizer, engines.engine_config(settings, cfg, accelerator.num_processes))
+    update = engines.EngineUpdate(critic)
 data = torch.Generator().manual_seed(1)
 real, fake, alpha = torch.randn(total, 3, 16, 16, generator=data), torch.randn(total, 3, 16, 16, generator=data), torch.rand(total, generator=data)
 share = total // accelerator.num_processes
 mine = slice(accelerator.process_index * share, (accelerator.process_index + 1) * share)
-discriminator_step(accelerator, critic, optimizer, cfg, real[mine], fake[mine], None, alpha[mine])
+discriminator_step(update, critic, cfg, real[mine], fake[mine], None, alpha[mine])
 world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
 if accelerator.is_main_process:
     torch.save({"world_size": world, "critic": accelerator.unwrap_model(critic).state_dict()}, out_path)

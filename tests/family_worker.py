@@ -1,4 +1,5 @@
-"""Train each family a few steps (one launch), then save this rank's weights per family."""
+"""Train the named families (comma-separated, or all) a few steps in one launch, one after the other,
+saving this rank's weights per family."""
 import sys
 
 import torch
@@ -9,7 +10,7 @@ from gendist.config import load_config
 from gendist.training.gan import train_gan
 from gendist.training.vae import train_vae
 
-out_dir, overrides = sys.argv[1], sys.argv[2:]
+out_dir, names, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 families = {
     "dcgan": [],
     "wgan": ["model.name=wgan", "loss.n_critic=2", "optim.name=rmsprop", "loss.clip_value=0.01"],
@@ -19,6 +20,8 @@ families = {
 }
 rank = None
 for family, extra in families.items():
+    if names != "all" and family not in names.split(","):
+        continue
     cfg = load_config(None, [*overrides, *extra, f"train.run_dir={out_dir}/{family}"])
     if family == "vae":
         weights = {"vae": train_vae(cfg).model.state_dict()}

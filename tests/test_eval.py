@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from pytorch_fid.fid_score import calculate_frechet_distance
 
-from conftest import BIN, REPO, TINY, launch
+from conftest import BIN, RANDOM_EVAL, REPO, TINY, launch
 from gendist.cli import main as cli_main
 from gendist.config import load_config
 from gendist.data.loader import read_in_order
@@ -23,8 +23,6 @@ from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_in
 from gendist.training.gan import train_gan
 from gendist.training.vae import train_vae
 
-RANDOM_EVAL = ["eval.inception_weights=random", "eval.num_samples=24", "eval.num_real=24", "eval.batch_size=8",
-               "eval.kid_subsets=5", "eval.kid_subset_size=12", "eval.recon_images=16"]
 
 
 def random_spd(rng: np.random.Generator, dims: int) -> np.ndarray:

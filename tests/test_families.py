@@ -1,23 +1,26 @@
-"""Every model family on 2 real processes, and WGAN-GP's critic step: 2 ranks x B == 1 rank x 2B."""
+"""Every model family on 2 real processes, and WGAN-GP's critic step (DDP and ZeRO-2): 2 ranks x B ==
+1 rank x 2B."""
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, assert_same_weights, launch
+from conftest import REPO, assert_ranks_agree, launch
 from gendist.models.dcgan import Discriminator
 
 
 @pytest.mark.slow
-def test_wgan_gp_critic_step_is_the_same_on_2_ranks_and_on_1(tmp_path):
-    """Gradient penalty, two forwards and one backward under DDP: averaging the two ranks'
-    gradients must equal the gradient of the whole batch. Tolerance: 1e-6 absolute (float32
-    sums in a different order; Adam's first step is about lr * sign(grad), lr = 1e-3)."""
+@pytest.mark.parametrize("launcher", ["accelerate", pytest.param("deepspeed", id="deepspeed-zero2")])
+def test_wgan_gp_critic_step_is_the_same_on_2_ranks_and_on_1(launcher, tmp_path):
+    """Gradient penalty, two forwards and one backward under DDP, or through a ZeRO-2 engine:
+    averaging (reduce-scattering) the two ranks' gradients must equal the gradient of the whole
+    batch. Tolerance: 1e-6 absolute (float32 sums in a different order; Adam's first step is
+    about lr * sign(grad), lr = 1e-3)."""
     worker = str(REPO / "tests" / "critic_step_worker.py")
     single = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt")], cwd=REPO, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-3000:]
-    proc = launch("accelerate", tmp_path, [], [worker, str(tmp_path / "two.pt")])
+    proc = launch(launcher, tmp_path, [], [worker, str(tmp_path / "two.pt")])
     assert (tmp_path / "two.pt").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
     assert (one["world_size"], two["world_size"]) == (1, 2)
@@ -31,15 +34,8 @@ def test_wgan_gp_critic_step_is_the_same_on_2_ranks_and_on_1(tmp_path):
 @pytest.mark.slow
 def test_every_family_trains_on_2_processes_with_identical_weights(tiny_overrides, tmp_path):
     proc = launch("accelerate", tmp_path, [*tiny_overrides, "train.steps=3", "train.sample_every=3"],
-                  [str(REPO / "tests" / "family_worker.py"), str(tmp_path)])
-    for family in ("dcgan", "wgan", "wgan_gp", "cgan", "vae"):
-        paths = [tmp_path / f"{family}-rank{r}.pt" for r in range(2)]
-        assert all(p.exists() for p in paths), f"{family}: " + proc.stdout[-3000:] + proc.stderr[-3000:]
-        ranks = [torch.load(p, weights_only=True) for p in paths]
-        assert [r["world_size"] for r in ranks] == [2, 2]
-        for part in ranks[0].keys() - {"world_size"}:
-            assert_same_weights(ranks[0][part], ranks[1][part])
-        assert (tmp_path / family / "samples" / "step_0000003.png").exists()
+                  [str(REPO / "tests" / "family_worker.py"), str(tmp_path), "all"])
+    assert_ranks_agree(tmp_path, ["dcgan", "wgan", "wgan_gp", "cgan", "vae"], proc, samples_at=3)
     clipped = torch.load(tmp_path / "wgan-rank0.pt", weights_only=True)["discriminator"]
     assert all(v.abs().max() <= 0.01 for k, v in clipped.items() if v.is_floating_point() and "running" not in k)
     assert (tmp_path / "vae" / "samples" / "recon_step_0000003.png").exists()

@@ -28,7 +28,8 @@ class ConvVAE(nn.Module):
         decoder = Generator(z_dim, ngf, image_size, channels)
         self.decoder = nn.Sequential(*list(decoder.net.children())[:-1])  # no tanh: logits or means
         self.z_dim = z_dim
-        self.log_sigma = nn.Parameter(torch.zeros(())) if learn_sigma else None
+        # shape (1,), not (): DeepSpeed's initial parameter broadcast cannot take 0-dim tensors
+        self.log_sigma = nn.Parameter(torch.zeros(1)) if learn_sigma else None
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.to_stats(self.encoder(images)).chunk(2, dim=1)

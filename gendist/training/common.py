@@ -12,7 +12,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from gendist import dist
+from gendist import dist, engines
 from gendist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from gendist.config import ConfigError, OptimConfig, RunConfig, to_yaml
 from gendist.data.loader import StreamSpec, make_loader
@@ -21,6 +21,10 @@ from gendist.data.synthetic import VERSION, SyntheticFacesSource
 from gendist.eval.evaluator import Evaluator, Generate, Reconstruct, append_row
 from gendist.reporting import Reporter
 from gendist.stopping import StopRequests
+
+
+PLAIN = "accelerate"  # the backend of DDP runs, as checkpoints name it
+DEEPSPEED_FOLDER = "deepspeed"  # in a checkpoint: one DeepSpeed checkpoint per engine (tag = network name)
 
 
 @dataclass
@@ -82,7 +86,11 @@ class Session:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.accelerator = accelerator = dist.build_accelerator(cfg.train.mixed_precision)
+        deepspeed = engines.launch_settings()
+        # Under DeepSpeed the engines own mixed precision; the Accelerator only runs the process group.
+        self.accelerator = accelerator = dist.build_accelerator("no" if deepspeed else cfg.train.mixed_precision)
+        self.engine_config = engines.engine_config(deepspeed, cfg, accelerator.num_processes) if deepspeed else None
+        self.engines: dict[str, Any] = {}
         self.device = accelerator.device
         self.run_dir = Path(cfg.train.run_dir)
         if accelerator.is_main_process:
@@ -115,13 +123,23 @@ class Session:
         self.stopped_early = False
 
     # -- set-up ------------------------------------------------------------------------------
-    def prepare(self, **objects: Any) -> list[Any]:
-        """accelerator.prepare the named modules and optimizers, and checkpoint them under those names."""
-        prepared = self.accelerator.prepare(*objects.values())
-        prepared = list(prepared) if isinstance(prepared, (tuple, list)) else [prepared]
-        for name, obj in zip(objects, prepared):
-            self.register(name, obj)
-        return prepared
+    def prepare(self, name: str, model: nn.Module, optimizer_name: str,
+                optimizer: torch.optim.Optimizer) -> tuple[nn.Module, engines.Update]:
+        """A network and its optimizer made distributed (DDP, or a DeepSpeed engine of their own) and
+        checkpointed under these names; returns the model to call and the update that steps it."""
+        if self.engine_config is not None:
+            engine = engines.build_engine(model, optimizer, self.engine_config)
+            self.register(name, engine)  # its whole weights go into state.pt, for eval and compare
+            self.engines[name] = engine  # its optimizer shards, into the checkpoint's deepspeed/ folder
+            return engine, engines.EngineUpdate(engine)
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.register(name, model)
+        self.register(optimizer_name, optimizer)
+        return model, engines.Update(self.accelerator, optimizer)
+
+    def no_sync(self, model: nn.Module):
+        """For a backward that gives `model` no gradients (its parameters frozen)."""
+        return engines.no_sync(self.accelerator, model)
 
     def register(self, name: str, obj: Any) -> None:
         self.checkpointed[name] = obj
@@ -139,7 +157,12 @@ class Session:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is not None:
             shared, rng = load_checkpoint(checkpoint, self.accelerator.process_index)
+            self._check_backend(checkpoint, shared)
+            if self.engines:
+                engines.load_engines(self.engines, checkpoint / DEEPSPEED_FOLDER)
             for name, obj in self.checkpointed.items():
+                if name in self.engines:
+                    continue
                 target = self.accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj
                 target.load_state_dict(shared[name])
             if self.accelerator.scaler is not None and "scaler" in shared:
@@ -150,6 +173,22 @@ class Session:
             dist.rank_print(self.accelerator, f"resumed from {checkpoint} at step {self.state.step}")
         self.reporter = Reporter(self.run_dir, self.cfg.train.steps, self.state.step, self.accelerator.is_main_process)
         self._window_start, self._window_images_start = time.perf_counter(), self.state.images_seen
+
+    def _check_backend(self, checkpoint: Path, shared: dict) -> None:
+        """A checkpoint resumes under the backend that wrote it (its optimizer states' format), and a
+        DeepSpeed one with its number of ranks (one optimizer shard each)."""
+        backend = shared.get("backend", PLAIN)
+        if backend != self.backend:
+            raise ConfigError(f"{checkpoint} was written by the {backend} backend and cannot resume under {self.backend}: "
+                              f"launch with {'a DeepSpeed config (launch/ds_zero2.yaml)' if backend != PLAIN else 'a plain config'}"
+                              f"; evaluate and compare read it as it is")
+        if self.engines and shared["world_size"] != self.accelerator.num_processes:
+            raise ConfigError(f"{checkpoint} holds ZeRO optimizer shards of {shared['world_size']} ranks; resume it with "
+                              f"{shared['world_size']} processes (this launch has {self.accelerator.num_processes})")
+
+    @property
+    def backend(self) -> str:
+        return f"deepspeed-zero{self.engine_config['zero_optimization']['stage']}" if self.engine_config else PLAIN
 
     # -- data --------------------------------------------------------------------------------
     def _stream(self) -> Iterator[dict]:
@@ -251,9 +290,12 @@ class Session:
         }
         shared["train_state"] = self.state.state_dict()
         shared["world_size"] = self.accelerator.num_processes
+        shared["backend"] = self.backend
         if self.accelerator.scaler is not None:
             shared["scaler"] = self.accelerator.scaler.state_dict()
-        save_checkpoint(self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints)
+        write_sharded = (lambda folder: engines.save_engines(self.engines, folder / DEEPSPEED_FOLDER)) if self.engines else None
+        save_checkpoint(self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints,
+                        write_sharded)
 
     def __enter__(self) -> Session:
         return self

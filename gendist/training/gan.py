@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torchvision.utils import save_image
 
 from gendist import dist
 from gendist.config import RunConfig
+from gendist.engines import Update, for_input_gradients
 from gendist.eval.evaluator import Generate
 from gendist.losses.gan import d_nonsaturating, d_wasserstein, g_nonsaturating, g_wasserstein, gradient_penalty
 from gendist.models.conditional import ConditionalDiscriminator, ConditionalGenerator
@@ -88,8 +88,7 @@ def ema_with_warmup(decay: float):
     return average
 
 
-def discriminator_step(accelerator: Accelerator, critic: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig,
-                       real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None,
+def discriminator_step(update: Update, critic: nn.Module, cfg: RunConfig, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None,
                        alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One critic update: forwards, one backward, one optimizer step (and clipping for wgan).
 
@@ -107,12 +106,11 @@ def discriminator_step(accelerator: Accelerator, critic: nn.Module, optimizer: t
         if cfg.model.name == "wgan_gp":
             if alpha is None:
                 alpha = torch.rand(real.shape[0], device=real.device)
-            penalty = gradient_penalty(lambda x: call(critic, x, labels), real, fake, alpha)
+            penalty_critic = for_input_gradients(critic)
+            penalty = gradient_penalty(lambda x: call(penalty_critic, x, labels), real, fake, alpha)
             loss = loss + cfg.loss.gp_weight * penalty
             stats["gradient_penalty"] = penalty.detach()
-    optimizer.zero_grad(set_to_none=True)
-    accelerator.backward(loss)
-    optimizer.step()
+    update(loss)
     if cfg.model.name == "wgan":
         with torch.no_grad():
             for param in critic.parameters():
@@ -133,14 +131,15 @@ def train_gan(cfg: RunConfig) -> GanResult:
         ema = AveragedModel(generator, avg_fn=ema_with_warmup(cfg.train.ema_decay), use_buffers=True).to(device)
     opt_g = build_optimizer(generator.parameters(), cfg.optim.lr_g, cfg.optim)
     opt_d = build_optimizer(critic.parameters(), cfg.optim.lr_d, cfg.optim)
-    generator, critic, opt_g, opt_d = session.prepare(generator=generator, discriminator=critic, opt_g=opt_g, opt_d=opt_d)
+    generator, update_g = session.prepare("generator", generator, "opt_g", opt_g)
+    critic, update_d = session.prepare("discriminator", critic, "opt_d", opt_d)
     if ema is not None:
         session.register("generator_ema", ema)
     fixed_noise, fixed_labels = fixed_inputs(cfg, len(columns), device)
     dist.seed_everything(cfg.train.seed, accelerator)  # a distinct noise stream per rank
     session.resume()
-    apply_hyperparameters(opt_g, cfg.optim.lr_g, cfg.optim)
-    apply_hyperparameters(opt_d, cfg.optim.lr_d, cfg.optim)
+    apply_hyperparameters(update_g.optimizer, cfg.optim.lr_g, cfg.optim)
+    apply_hyperparameters(update_d.optimizer, cfg.optim.lr_d, cfg.optim)
     sampled = ema.module if ema is not None else accelerator.unwrap_model(generator)
 
     def write_samples() -> None:
@@ -162,16 +161,14 @@ def train_gan(cfg: RunConfig) -> GanResult:
                 keep_graph = critic_step == cfg.loss.n_critic - 1  # the last fake also trains G
                 with torch.set_grad_enabled(keep_graph):
                     fake = call(generator, z, labels)
-                stats = discriminator_step(accelerator, critic, opt_d, cfg, real, fake, labels)
+                stats = discriminator_step(update_d, critic, cfg, real, fake, labels)
                 for name, value in stats.items():
                     critic_stats[name] = critic_stats.get(name, 0.0) + value / cfg.loss.n_critic
 
-            with frozen(critic), accelerator.no_sync(critic):
+            with frozen(critic), session.no_sync(critic):
                 scores = call(critic, fake, labels)
             loss_g = g_wasserstein(scores) if model_cfg.name in ("wgan", "wgan_gp") else g_nonsaturating(scores)
-            opt_g.zero_grad(set_to_none=True)
-            accelerator.backward(loss_g)
-            opt_g.step()
+            update_g(loss_g)
             if ema is not None:
                 ema.update_parameters(accelerator.unwrap_model(generator))
             session.step_done({**critic_stats, "loss_g": loss_g.detach()})

@@ -74,13 +74,13 @@ def train_vae(cfg: RunConfig) -> VaeResult:
     dist.seed_everything(cfg.train.seed)
     model = build_vae(cfg)
     optimizer = build_optimizer(model.parameters(), cfg.optim.lr_g, cfg.optim)
-    model, optimizer = session.prepare(vae=model, optimizer=optimizer)
+    model, update = session.prepare("vae", model, "optimizer", optimizer)
     rng = torch.Generator().manual_seed(cfg.train.seed)
     fixed_noise = torch.randn(cfg.train.num_samples, cfg.model.z_dim, generator=rng).to(device)
     originals = fixed_real_batch(session, min(32, cfg.train.num_samples))
     dist.seed_everything(cfg.train.seed, accelerator)
     session.resume()
-    apply_hyperparameters(optimizer, cfg.optim.lr_g, cfg.optim)
+    apply_hyperparameters(update.optimizer, cfg.optim.lr_g, cfg.optim)
     net = accelerator.unwrap_model(model)
     generate, reconstruct = sampler(net, vae_cfg.likelihood), reconstructor(net, vae_cfg.likelihood)
 
@@ -104,9 +104,7 @@ def train_vae(cfg: RunConfig) -> VaeResult:
             kl = kl_standard_normal(mu, logvar)
             beta = kl_weight(cfg, session.state.step + 1)
             loss = recon + beta * kl
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
+            update(loss)
             values = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "kl_weight": torch.tensor(beta)}
             if net.log_sigma is not None:
                 values["sigma"] = net.log_sigma.detach().exp()
