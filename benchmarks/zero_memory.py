@@ -4,12 +4,12 @@ command (each backend is its own 2-rank launch of this script):
     .venv/bin/python benchmarks/zero_memory.py --ngf 256 --steps 3            (CPU: gloo ranks)
     .venv/bin/python benchmarks/zero_memory.py --ngf 512 --gpu --processes 8  (one node's GPUs)
 
-A rank's figure is its peak memory over training steps 2..N (set-up and the first step, which
-allocates gradients, buckets and optimizer state, are behind it): on GPUs torch.cuda's peak
-allocated bytes, on CPUs the peak resident set less the resident set just before the networks were
-built, so the Python, torch and DeepSpeed runtime common to every backend is left out. The ratio
-column is against DDP from the same command. Eval is off; the last step writes a checkpoint, as a
-run does.
+A rank's figures are its peak memory over training steps 2..N (set-up and the first step, which
+allocates gradients, buckets and optimizer state, are behind it), and that peak once the last
+step's checkpoint is written: on GPUs torch.cuda's peak allocated bytes, on CPUs the peak resident
+set less the resident set just before the networks were built, so the Python, torch and DeepSpeed
+runtime common to every backend is left out. Ratios are against DDP from the same command. Eval is
+off.
 """
 from __future__ import annotations
 
@@ -60,16 +60,24 @@ def worker(out: Path, overrides: list[str]) -> None:
         if session.state.step == 1:  # the training steps that follow set the peak
             torch.cuda.reset_peak_memory_stats() if on_gpu else reset_peak_rss()
 
-    common.Session.step_done = measured_step_done
+    def peak() -> int:
+        return torch.cuda.max_memory_allocated() if on_gpu else rss_bytes("VmHWM") - before
+
+    save = common.Session.save
+    peaks: dict[str, int] = {}
+
+    def measured_save(session: common.Session) -> None:
+        peaks["steps"] = peak()  # the last step's checkpoint comes after its optimizer steps
+        save(session)
+
+    common.Session.step_done, common.Session.save = measured_step_done, measured_save
     before = rss_bytes("VmRSS")
     result = train_gan(load_config(None, overrides))
+    peaks["with_save"] = peak()
     params = sum(p.numel() for net in (result.generator, result.discriminator) for p in net.parameters())
-    if on_gpu:
-        peak, kind = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated over steps 2..N"
-    else:
-        peak, kind = rss_bytes("VmHWM") - before, "peak RSS over steps 2..N less the RSS before the networks"
+    kind = ("cuda max_memory_allocated" if on_gpu else "peak RSS less the RSS before the networks were built")
     rank = torch_dist.get_rank()
-    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "peak_bytes": peak, "kind": kind, "params": params}))
+    (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, **peaks, "kind": kind, "params": params}))
     dist.shutdown()
 
 
@@ -117,14 +125,17 @@ def main() -> None:
             results[backend] = run_backend(backend, args, args.shards, Path(scratch))
     first = next(iter(results.values()))[0]
     print(f"DCGAN ngf=ndf={args.ngf}, {args.image_size}px, {first['params']:,} parameters (G + D), "
-          f"{args.processes} ranks, batch {args.batch_size}/rank, precision {args.precision}; {first['kind']}")
-    baseline = max(r["peak_bytes"] for r in results[next(iter(results))])
+          f"{args.processes} ranks, batch {args.batch_size}/rank, precision {args.precision}; per rank, MiB: "
+          f"{first['kind']}, over steps 2..{args.steps} and then with the final checkpoint")
+    baseline = next(iter(results))
+    worst = {backend: {key: max(r[key] for r in ranks) for key in ("steps", "with_save")}
+             for backend, ranks in results.items()}
     for backend, ranks in results.items():
-        per_rank = [r["peak_bytes"] / 2**20 for r in ranks]
-        worst = max(r["peak_bytes"] for r in ranks)
-        print(f"  {backend:6s} per rank (MiB): {', '.join(f'{m:.0f}' for m in per_rank)}   "
-              f"max {worst / 2**20:.0f}   ratio to {next(iter(results))} {worst / baseline:.2f}")
-
+        steps = ", ".join(f"{r['steps'] / 2**20:.0f}" for r in ranks)
+        print(f"  {backend:6s} steps: {steps} (max {worst[backend]['steps'] / 2**20:.0f}, "
+              f"{worst[backend]['steps'] / worst[baseline]['steps']:.2f} x {baseline})   "
+              f"with the checkpoint: max {worst[backend]['with_save'] / 2**20:.0f} "
+              f"({worst[backend]['with_save'] / worst[baseline]['with_save']:.2f} x {baseline})")
 
 if __name__ == "__main__":
     main()

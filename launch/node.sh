@@ -15,6 +15,7 @@
 #   PROCS_PER_NODE  processes on this node      (default: GPUs of this node; 1 without GPUs)
 #   LAUNCHER        accelerate | torchrun       (default: accelerate)
 #   MAX_RESTARTS    restarts after a failure    (default: 3)
+#   ZERO_STAGE      1 or 2: DeepSpeed ZeRO, one engine per network (accelerate only; default: DDP)
 # Without GPUs the processes run on CPU with gloo.
 set -euo pipefail
 
@@ -40,11 +41,20 @@ export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 echo "node $node_rank/$nnodes on $(hostname): $procs processes ($gpus GPUs), rendezvous $main_addr:$main_port"
 case "$launcher" in
 accelerate)
-    exec accelerate launch --multi_gpu --num_machines "$nnodes" --machine_rank "$node_rank" \
+    backend=(--multi_gpu)
+    if [[ -n ${ZERO_STAGE:-} ]]; then
+        # torchrun-style start on every node (no pdsh/ssh), as for DDP
+        backend=(--use_deepspeed --zero_stage "$ZERO_STAGE" --deepspeed_multinode_launcher standard)
+    fi
+    exec accelerate launch "${backend[@]}" --num_machines "$nnodes" --machine_rank "$node_rank" \
         --num_processes "$((nnodes * procs))" --main_process_ip "$main_addr" --main_process_port "$main_port" \
         --rdzv_backend c10d --max_restarts "$max_restarts" --mixed_precision no --dynamo_backend no "$@"
     ;;
 torchrun)
+    if [[ -n ${ZERO_STAGE:-} ]]; then
+        echo "ZERO_STAGE needs LAUNCHER=accelerate (the DeepSpeed settings come from accelerate launch)" >&2
+        exit 2
+    fi
     exec torchrun --nnodes "$nnodes" --nproc_per_node "$procs" --rdzv_backend c10d \
         --rdzv_endpoint "$main_addr:$main_port" --rdzv_id "$run_id" --max_restarts "$max_restarts" "$@"
     ;;

@@ -40,13 +40,16 @@ def final_state(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_node_script_joins_two_nodes_from_slurm_variables(launcher, synthetic_shards, tmp_path):
+@pytest.mark.parametrize("launcher, backend", [("torchrun", "accelerate"), ("accelerate", "accelerate"),
+                                              ("accelerate", "deepspeed-zero2")])
+def test_node_script_joins_two_nodes_from_slurm_variables(launcher, backend, synthetic_shards, tmp_path):
     """What each node's srun task runs in train.sbatch, with the variables SLURM gives it: two
-    'nodes' (1 CPU process each) on this machine form one world of 2."""
+    'nodes' (1 CPU process each) on this machine form one world of 2, with DDP or ZeRO-2."""
     run_dir, port = tmp_path / "run", free_port()
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost", "MAIN_ADDR": "127.0.0.1",
              "MAIN_PORT": str(port), "PROCS_PER_NODE": "1", "LAUNCHER": launcher, "MAX_RESTARTS": "0"}
+    if backend == "deepspeed-zero2":
+        slurm["ZERO_STAGE"] = "2"
     cmd = [str(REPO / "launch" / "node.sh"), "-m", "gendist.train", *TINY, f"data.shards={synthetic_shards}",
            "train.steps=4", f"train.run_dir={run_dir}"]
     nodes = []
@@ -63,6 +66,7 @@ def test_node_script_joins_two_nodes_from_slurm_variables(launcher, synthetic_sh
     assert f"node 0/2 on {socket.gethostname()}: 1 processes (0 GPUs), rendezvous 127.0.0.1:{port}" in nodes[0][1].read_text()
     assert "[rank 0/2] done: step 4" in nodes[0][1].read_text()
     assert final_state(run_dir)["world_size"] == 2 and (latest_checkpoint(run_dir) / "rank1.pt").is_file()
+    assert final_state(run_dir)["backend"] == backend
 
 
 # -- a real SLURM ----------------------------------------------------------------------------------

@@ -179,9 +179,11 @@ class Session:
         DeepSpeed one with its number of ranks (one optimizer shard each)."""
         backend = shared.get("backend", PLAIN)
         if backend != self.backend:
-            raise ConfigError(f"{checkpoint} was written by the {backend} backend and cannot resume under {self.backend}: "
-                              f"launch with {'a DeepSpeed config (launch/ds_zero2.yaml)' if backend != PLAIN else 'a plain config'}"
-                              f"; evaluate and compare read it as it is")
+            launch = ("a DDP launch (launch/multi_gpu.yaml, torchrun, ...)" if backend == PLAIN
+                      else f"launch/ds_{backend.removeprefix('deepspeed-')}.yaml")
+            raise ConfigError(f"{checkpoint} was written by the {backend} backend and cannot resume under {self.backend} "
+                              f"(its optimizer state is in that backend's format): resume it with {launch}; "
+                              "gendist eval and compare read it as it is")
         if self.engines and shared["world_size"] != self.accelerator.num_processes:
             raise ConfigError(f"{checkpoint} holds ZeRO optimizer shards of {shared['world_size']} ranks; resume it with "
                               f"{shared['world_size']} processes (this launch has {self.accelerator.num_processes})")
