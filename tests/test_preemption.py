@@ -14,6 +14,8 @@ import torch
 
 from conftest import BIN, REPO, TINY, assert_same_run, assert_same_weights, free_port
 from gendist.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from gendist.config import ConfigError, load_config
+from gendist.training.gan import train_gan
 
 STEPS = 60
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
@@ -161,3 +163,18 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(two_rank_weights, synthet
     assert_same_weights(two_rank_weights, weights(run_dir))  # resumed from a cadence checkpoint: exact
     assert [p.name for p in list_checkpoints(run_dir)][-1] == f"step_{STEPS:07d}"
     assert torch.load(latest_checkpoint(run_dir) / "state.pt", weights_only=True)["world_size"] == 2
+
+
+def test_a_run_that_fails_before_its_loop_leaves_the_signal_handlers_as_they_were(tiny_overrides, tmp_path):
+    """Handlers are installed for the training loop only: a run refused at set-up (here, resuming a
+    checkpoint of another backend) must not leave later children of this process (a
+    multiprocessing pool's workers, say) unable to die on SIGTERM."""
+    run_dir = tmp_path / "run"
+    train_gan(load_config(None, [*tiny_overrides, "train.steps=2"]))
+    state_file = latest_checkpoint(run_dir) / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "backend": "deepspeed-zero2"}, state_file)
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    with pytest.raises(ConfigError, match="deepspeed-zero2 backend"):
+        train_gan(load_config(None, [*tiny_overrides, "train.steps=4"]))
+    assert {signum: signal.getsignal(signum) for signum in before} == before

@@ -118,8 +118,7 @@ class Session:
         self._generate: Generate | None = None
         self._reconstruct: Reconstruct | None = None
         self._generator_label = ""
-        self.stop_requests = StopRequests()
-        self.stop_requests.install()
+        self.stop_requests = StopRequests()  # installed for the training loop only (__enter__)
         self.stopped_early = False
 
     # -- set-up ------------------------------------------------------------------------------
@@ -300,6 +299,7 @@ class Session:
                         write_sharded)
 
     def __enter__(self) -> Session:
+        self.stop_requests.install()
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
