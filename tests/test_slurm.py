@@ -40,11 +40,11 @@ def final_state(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, backend", [("torchrun", "accelerate"), ("accelerate", "accelerate"),
-                                              ("accelerate", "deepspeed-zero2")])
+@pytest.mark.parametrize("launcher, backend", [("torchrun", "accelerate"), ("accelerate", "deepspeed-zero2")])
 def test_node_script_joins_two_nodes_from_slurm_variables(launcher, backend, synthetic_shards, tmp_path):
     """What each node's srun task runs in train.sbatch, with the variables SLURM gives it: two
-    'nodes' (1 CPU process each) on this machine form one world of 2, with DDP or ZeRO-2."""
+    'nodes' (1 CPU process each) on this machine form one world of 2, with DDP under torchrun or
+    ZeRO-2 under accelerate (accelerate with DDP: the real-SLURM tests below)."""
     run_dir, port = tmp_path / "run", free_port()
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost", "MAIN_ADDR": "127.0.0.1",
              "MAIN_PORT": str(port), "PROCS_PER_NODE": "1", "LAUNCHER": launcher, "MAX_RESTARTS": "0"}
