@@ -47,8 +47,14 @@ class TrainState:
 
 def build_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr, betas=cfg.betas)
+        return torch.optim.RMSprop(params, lr=lr, foreach=True)
+    # fused: one kernel for all parameters on GPUs (CPUs too); the same update as the default loop
+    return torch.optim.Adam(params, lr=lr, betas=cfg.betas, fused=True)
+
+
+def in_memory_format(net: nn.Module, cfg: RunConfig) -> nn.Module:
+    """`net` in the run's memory format (train.channels_last)."""
+    return net.to(memory_format=torch.channels_last) if cfg.train.channels_last else net
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> None:
@@ -127,6 +133,8 @@ class Session:
         """A network and its optimizer made distributed (DDP, or a DeepSpeed engine of their own) and
         checkpointed under these names; returns the model to call and the update that steps it."""
         if self.engine_config is not None:
+            # DeepSpeed flattens the parameters into one buffer (and cannot broadcast NHWC weights)
+            model = model.to(memory_format=torch.contiguous_format)
             engine = engines.build_engine(model, optimizer, self.engine_config)
             self.register(name, engine)  # its whole weights go into state.pt, for eval and compare
             self.engines[name] = engine  # its optimizer shards, into the checkpoint's deepspeed/ folder

@@ -24,7 +24,7 @@ from gendist.losses.gan import d_nonsaturating, d_wasserstein, g_nonsaturating, 
 from gendist.models.conditional import ConditionalDiscriminator, ConditionalGenerator
 from gendist.models.dcgan import Discriminator, Generator
 from gendist.training.common import (Session, TrainState, apply_hyperparameters, attribute_columns,
-                                     build_optimizer)
+                                     build_optimizer, in_memory_format)
 
 GAN_FAMILIES = ("dcgan", "cgan", "wgan", "wgan_gp")
 
@@ -41,9 +41,11 @@ class GanResult:
 def build_networks(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, nn.Module]:
     m = cfg.model
     if m.name == "cgan":
-        return (ConditionalGenerator(num_labels, m.z_dim, m.label_dim, m.ngf, m.image_size),
-                ConditionalDiscriminator(num_labels, m.ndf, m.image_size, m.d_norm))
-    return Generator(m.z_dim, m.ngf, m.image_size), Discriminator(m.ndf, m.image_size, norm=m.d_norm)
+        networks = (ConditionalGenerator(num_labels, m.z_dim, m.label_dim, m.ngf, m.image_size),
+                    ConditionalDiscriminator(num_labels, m.ndf, m.image_size, m.d_norm))
+    else:
+        networks = Generator(m.z_dim, m.ngf, m.image_size), Discriminator(m.ndf, m.image_size, norm=m.d_norm)
+    return in_memory_format(networks[0], cfg), in_memory_format(networks[1], cfg)
 
 
 def call(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from gendist.data.loader import ShardStream
 from gendist.eval.evaluator import Generate, Reconstruct
 from gendist.losses.vae import decoded_images, kl_standard_normal, reconstruction_nll
 from gendist.models.vae import ConvVAE
-from gendist.training.common import Session, TrainState, apply_hyperparameters, build_optimizer
+from gendist.training.common import Session, TrainState, apply_hyperparameters, build_optimizer, in_memory_format
 
 
 @dataclass
@@ -49,8 +49,8 @@ def reconstructor(net: ConvVAE, likelihood: str) -> Reconstruct:
 
 
 def build_vae(cfg: RunConfig) -> ConvVAE:
-    return ConvVAE(cfg.model.z_dim, cfg.model.ngf, cfg.model.ndf, cfg.model.image_size,
-                   learn_sigma=cfg.vae.likelihood == "gaussian_learned")
+    return in_memory_format(ConvVAE(cfg.model.z_dim, cfg.model.ngf, cfg.model.ndf, cfg.model.image_size,
+                                    learn_sigma=cfg.vae.likelihood == "gaussian_learned"), cfg)
 
 
 def vae_from_checkpoint(cfg: RunConfig, shared: dict, device: torch.device) -> tuple[Generate, str, Reconstruct]:
