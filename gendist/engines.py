@@ -14,7 +14,7 @@ import functools
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -26,8 +26,16 @@ USE_DEEPSPEED = "ACCELERATE_USE_DEEPSPEED"
 MAX_BUCKET = 25 * 2**20 // 4  # elements per ZeRO reduce / all-gather bucket: DDP's 25 MiB of fp32
 
 
-class Update:
-    """One optimizer step of one network from a loss (plain: zero_grad, backward, step)."""
+class Update(Protocol):
+    """One optimizer step of one network from a loss; `optimizer` holds the hyperparameters."""
+
+    optimizer: torch.optim.Optimizer
+
+    def __call__(self, loss: torch.Tensor) -> None: ...
+
+
+class AcceleratorUpdate:
+    """DDP through Accelerate: zero_grad, backward (gradients all-reduced), step."""
 
     def __init__(self, accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> None:
         self.accelerator, self.optimizer = accelerator, optimizer
@@ -38,9 +46,9 @@ class Update:
         self.optimizer.step()
 
 
-class EngineUpdate(Update):
-    """The same under DeepSpeed: the engine scales, reduces (reduce-scatter under ZeRO-2), steps its
-    sharded optimizer, re-gathers the parameters and zeroes the gradients."""
+class EngineUpdate:
+    """DeepSpeed: the engine scales, reduces (reduce-scatter under ZeRO-2), steps its sharded
+    optimizer, re-gathers the parameters and zeroes the gradients."""
 
     def __init__(self, engine: Any) -> None:
         self.engine, self.optimizer = engine, engine.optimizer

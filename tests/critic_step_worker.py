@@ -21,7 +21,7 @@ optimizer = torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr_d, betas=cfg.o
 settings = engines.launch_settings()
 if settings is None:
     critic, optimizer = accelerator.prepare(critic, optimizer)
-    update = engines.Update(accelerator, optimizer)
+    update = engines.AcceleratorUpdate(accelerator, optimizer)
 else:
     cfg.data.batch_size = total // accelerator.num_processes
     critic = engines.build_engine(critic, optimizer, engines.engine_config(settings, cfg, accelerator.num_processes))

@@ -96,7 +96,6 @@ class Session:
         # Under DeepSpeed the engines own mixed precision; the Accelerator only runs the process group.
         self.accelerator = accelerator = dist.build_accelerator("no" if deepspeed else cfg.train.mixed_precision)
         self.engine_config = engines.engine_config(deepspeed, cfg, accelerator.num_processes) if deepspeed else None
-        self.engines: dict[str, Any] = {}
         self.device = accelerator.device
         self.run_dir = Path(cfg.train.run_dir)
         if accelerator.is_main_process:
@@ -136,17 +135,21 @@ class Session:
             # DeepSpeed flattens the parameters into one buffer (and cannot broadcast NHWC weights)
             model = model.to(memory_format=torch.contiguous_format)
             engine = engines.build_engine(model, optimizer, self.engine_config)
-            self.register(name, engine)  # its whole weights go into state.pt, for eval and compare
-            self.engines[name] = engine  # its optimizer shards, into the checkpoint's deepspeed/ folder
+            self.register(name, engine)  # whole weights in state.pt, optimizer shards in deepspeed/<name>
             return engine, engines.EngineUpdate(engine)
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self.register(name, model)
         self.register(optimizer_name, optimizer)
-        return model, engines.Update(self.accelerator, optimizer)
+        return model, engines.AcceleratorUpdate(self.accelerator, optimizer)
 
     def no_sync(self, model: nn.Module):
         """For a backward that gives `model` no gradients (its parameters frozen)."""
         return engines.no_sync(self.accelerator, model)
+
+    @property
+    def engines(self) -> dict[str, Any]:
+        """The DeepSpeed engines among the checkpointed objects, by name."""
+        return {name: obj for name, obj in self.checkpointed.items() if engines.is_engine(obj)}
 
     def register(self, name: str, obj: Any) -> None:
         self.checkpointed[name] = obj
@@ -165,10 +168,11 @@ class Session:
         if checkpoint is not None:
             shared, rng = load_checkpoint(checkpoint, self.accelerator.process_index)
             self._check_backend(checkpoint, shared)
-            if self.engines:
-                engines.load_engines(self.engines, checkpoint / DEEPSPEED_FOLDER)
+            sharded = self.engines
+            if sharded:
+                engines.load_engines(sharded, checkpoint / DEEPSPEED_FOLDER)
             for name, obj in self.checkpointed.items():
-                if name in self.engines:
+                if name in sharded:
                     continue
                 target = self.accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj
                 target.load_state_dict(shared[name])
@@ -302,7 +306,8 @@ class Session:
         shared["backend"] = self.backend
         if self.accelerator.scaler is not None:
             shared["scaler"] = self.accelerator.scaler.state_dict()
-        write_sharded = (lambda folder: engines.save_engines(self.engines, folder / DEEPSPEED_FOLDER)) if self.engines else None
+        sharded = self.engines
+        write_sharded = (lambda folder: engines.save_engines(sharded, folder / DEEPSPEED_FOLDER)) if sharded else None
         save_checkpoint(self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints,
                         write_sharded)
 

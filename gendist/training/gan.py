@@ -90,8 +90,8 @@ def ema_with_warmup(decay: float):
     return average
 
 
-def discriminator_step(update: Update, critic: nn.Module, cfg: RunConfig, real: torch.Tensor, fake: torch.Tensor, labels: torch.Tensor | None,
-                       alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def discriminator_step(update: Update, critic: nn.Module, cfg: RunConfig, real: torch.Tensor, fake: torch.Tensor,
+                       labels: torch.Tensor | None, alpha: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """One critic update: forwards, one backward, one optimizer step (and clipping for wgan).
 
     `alpha` (one per sample) is drawn here unless given, which the equivalence tests do.
