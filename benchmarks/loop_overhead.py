@@ -54,14 +54,15 @@ def gendist_rate(cfg) -> float:
     return sum(n for n, _ in windows) / sum(n / rate for n, rate in windows)
 
 
-def bare_rate(cfg, batches: list[torch.Tensor], device: torch.device) -> float:
-    """The hand-written loop: same networks (same seed), Adam, losses and EMA as gendist's."""
+def bare_rate(cfg, batches: list[torch.Tensor], device: torch.device, fused_adam: bool = False) -> float:
+    """The hand-written loop: same networks (same seed), Adam, losses and EMA as gendist's; real
+    images/s after the first `train.log_every` steps."""
     seed_everything(cfg.train.seed)
     generator, critic = (net.to(device) for net in build_networks(cfg, 0))
     ema = [p.detach().clone() for p in generator.parameters()]
-    betas = tuple(cfg.optim.betas)
-    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    betas, fused = tuple(cfg.optim.betas), fused_adam or None
+    opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g, betas=betas, fused=fused)
+    opt_d = torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr_d, betas=betas, fused=fused)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.mixed_precision == "bf16"
                 else contextlib.nullcontext())
     wasserstein, n_critic, batch = cfg.model.name == "wgan_gp", cfg.loss.n_critic, cfg.data.batch_size

@@ -84,7 +84,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     num_samples: int = 64  # images in each sample grid
     ema_decay: float = 0.999  # GANs: EMA of the generator for samples and evaluation; 0 turns it off
-    # Networks (and the loader's images) in NHWC memory: faster convolutions (1.07-1.11x for a
+    # Networks (and the loader's images) in NHWC memory: faster convolutions (about 1.1x for a
     # DCGAN-64 step on CPU, see BENCHMARKS.md; the layout tensor cores want under bf16).
     channels_last: bool = True
 
