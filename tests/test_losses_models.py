@@ -89,3 +89,19 @@ def test_unknown_cgan_attribute_names_the_available_ones():
     assert attribute_columns(["Smiling", "Male"], ["Male", "Smiling", "Eyeglasses"]) == [1, 0]
     with pytest.raises(ConfigError, match="'Smilling'.*it has: Male, Smiling"):
         attribute_columns(["Smilling"], ["Male", "Smiling"])
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_networks_are_built_in_the_configured_memory_format_with_fused_adam(channels_last):
+    from gendist.config import load_config
+    from gendist.training.common import build_optimizer
+    from gendist.training.gan import build_networks
+    from gendist.training.vae import build_vae
+
+    cfg = load_config(None, [f"train.channels_last={channels_last}"])
+    vae_cfg = load_config(None, ["model.name=vae", f"train.channels_last={channels_last}"])
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for net in (*build_networks(cfg, 0), build_vae(vae_cfg)):
+        convs = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+        assert convs and all(w.is_contiguous(memory_format=layout) for w in convs)
+    assert build_optimizer(nn.Linear(2, 2).parameters(), 1e-3, cfg.optim).defaults["fused"] is True
