@@ -1,12 +1,16 @@
-"""Atomic, complete checkpoints: run_dir/checkpoints/step_NNNNNNN/{state.pt, rank<R>.pt}.
+"""Atomic, durable, complete checkpoints: run_dir/checkpoints/step_NNNNNNN/{state.pt, rank<R>.pt}.
 
-Every rank writes its RNG state into a hidden partial folder; rank 0 writes the shared state and
-then renames the folder into place, so a folder with a final name is always complete (a killed
-run leaves only a partial folder, which is ignored and later replaced). Loading uses
+Every rank writes its RNG state into a hidden partial folder; rank 0 writes the shared state,
+fsyncs the files and the folder, then renames the folder into place (and fsyncs its parent), so a
+folder with a final name is always complete, also after a power loss (a killed run leaves only a
+partial folder, which the next save removes). Old checkpoints are pruned by renaming them out of
+the way first, so no half-deleted folder keeps a final name. Loading uses
 torch.load(weights_only=True): no pickled code runs from a checkpoint.
 """
 from __future__ import annotations
 
+import os
+import pickle
 import random
 import re
 import shutil
@@ -18,6 +22,10 @@ import torch
 from accelerate import Accelerator
 
 STEP_DIR = re.compile(r"^step_(\d{7})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read or is refused, named with the reason."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,28 +73,81 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, sh
     final = root / f"step_{step:07d}"
     partial = root / f".step_{step:07d}.partial"
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
+        remove_leftovers(root)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), partial / f"rank{accelerator.process_index}.pt")
+    rank_file = partial / f"rank{accelerator.process_index}.pt"
+    torch.save(rng_state(), rank_file)
+    fsync(rank_file)
     if write_sharded is not None:
         write_sharded(partial)
     if accelerator.is_main_process:
         torch.save(shared, partial / "state.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for path in sorted(partial.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
+            fsync(path)
+        fsync(partial)
         if final.exists():  # same step saved before (e.g. a rerun): replace it whole
-            shutil.rmtree(final)
+            discard(final)
         partial.rename(final)
+        fsync(root)
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            discard(old)
     accelerator.wait_for_everyone()
     return final
 
 
+def fsync(path: Path) -> None:
+    """Flush a file or a folder (its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def discard(checkpoint: Path) -> None:
+    """Remove a checkpoint folder: first renamed to a hidden name (atomic), then deleted."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    checkpoint.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def remove_leftovers(root: Path) -> None:
+    """What killed saves and prunes left: partial and half-deleted folders, and step folders emptied
+    by a deletion that a kill interrupted before this module renamed folders first."""
+    if not root.is_dir():
+        return
+    for path in root.iterdir():
+        hidden = path.name.startswith(".step_") and path.name.endswith((".partial", ".deleting"))
+        emptied = STEP_DIR.match(path.name) and path.is_dir() and not (path / "state.pt").is_file()
+        if hidden or emptied:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The shared state and this rank's RNG state (None if the run had fewer ranks)."""
-    shared = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    shared = safe_load(path / "state.pt")
     rank_file = path / f"rank{rank}.pt"
-    rng = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else None
+    rng = safe_load(rank_file) if rank_file.is_file() else None
     return shared, rng
+
+
+def safe_load(path: Path) -> Any:
+    """torch.load of tensors and plain containers only; a CheckpointError names the file and why."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, i.e. running the file's code: name the culprit only
+        culprit = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line),
+                       "an unsupported object")
+        raise CheckpointError(f"{path} is refused: it holds pickled objects other than tensors and plain "
+                              f"containers, which could run code when loaded ({culprit}); gendist loads only "
+                              "checkpoints of its own format") from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path} cannot be read (truncated or damaged?): {first}") from None

@@ -6,7 +6,7 @@ import sys
 
 from gendist import evaluate, sweep, train
 from gendist.config import parse_args_with_overrides
-from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, write_shards
+from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, verify_shards, write_shards
 from gendist.data.sources import CelebASource, FolderSource
 from gendist.data.synthetic import SyntheticFacesSource
 
@@ -24,7 +24,18 @@ def _shard_options(parser: argparse.ArgumentParser, crop_fraction: float) -> Non
     parser.add_argument("--seed", type=int, default=0, help="seed of the image order within shards")
 
 
+def _verify(shard_dir: str) -> int:
+    """One line per damaged shard, then a summary; exit 1 when any shard is damaged."""
+    check = verify_shards(shard_dir, show_progress=True)
+    for problem in check.problems:
+        print(problem)
+    print(check.summary())
+    return 0 if check.ok else 1
+
+
 def _shards(args: argparse.Namespace) -> int:
+    if args.source == "verify":
+        return _verify(args.shard_dir)
     if args.source == "celeba":
         source = CelebASource(args.src)
     elif args.source == "folder":
@@ -41,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train.add_train_arguments(commands.add_parser("train", help="train in one process (use accelerate launch for more)"))
 
-    shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards")
+    shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards, or verify a shard set")
     sources = shards.add_subparsers(dest="source", required=True)
     celeba = sources.add_parser("celeba", help="official CelebA layout: img_align_celeba/ or .zip plus the two lists")
     celeba.add_argument("--src", required=True, help="folder holding img_align_celeba[.zip], list_attr_celeba.txt, list_eval_partition.txt")
@@ -53,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic = sources.add_parser("synthetic", help="the embedded procedurally drawn faces")
     synthetic.add_argument("--count", type=int, default=8192)
     _shard_options(synthetic, CELEBA_CROP_FRACTION)
+    verify = sources.add_parser("verify", help="check every shard against manifest.json (sha256, size, missing, extra)")
+    verify.add_argument("shard_dir", metavar="DIR", help="a folder written by `gendist shards`")
 
     evaluate.add_eval_arguments(commands.add_parser("eval", help="FID/KID (and VAE reconstruction error) of a run's checkpoint"))
     evaluate.add_stats_arguments(commands.add_parser("fid-stats", help="compute and cache the real FID statistics ahead"))

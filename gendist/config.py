@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,9 @@ class TrainConfig:
     # Networks (and the loader's images) in NHWC memory: faster convolutions (about 1.1x for a
     # DCGAN-64 step on CPU, see BENCHMARKS.md; the layout tensor cores want under bf16).
     channels_last: bool = True
+    # Once set-up is over, a collective that waits longer than this fails the job (a dead or hung
+    # peer) instead of waiting out the launch default (30 min gloo, 10 min NCCL).
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -120,6 +124,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def get(self, dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return getattr(getattr(self, section), key)
+
     def validate(self) -> None:
         size = self.model.image_size
         if size < 16 or size & (size - 1):
@@ -131,6 +139,19 @@ class RunConfig:
             raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
         if self.loss.n_critic < 1:
             raise ConfigError("loss.n_critic must be >= 1")
+        for key in ("optim.lr_g", "optim.lr_d", "loss.clip_value", "vae.gaussian_std", "train.collective_timeout_s"):
+            value = self.get(key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key} must be a finite number > 0, got {value}")
+        for key in ("loss.gp_weight", "vae.beta"):
+            value = self.get(key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
+        for key in ("model.z_dim", "model.ngf", "model.ndf", "model.label_dim", "train.num_samples"):
+            if self.get(key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {self.get(key)}")
+        if not all(0.0 <= beta < 1.0 for beta in self.optim.betas):
+            raise ConfigError(f"optim.betas must be in [0, 1), got {list(self.optim.betas)}")
         if not 0.0 <= self.train.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.train.ema_decay}")
         ev = self.eval
@@ -145,7 +166,7 @@ class RunConfig:
                               "set model.d_norm=layer (or instance, none)")
         if name == "wgan_gp" and self.train.mixed_precision == "fp16":
             raise ConfigError("wgan_gp with fp16 is refused: the penalty's double backward under a loss scaler is not "
-                              "supported here; use train.mixed_precision=bf16 (the penalty is taken in fp32)")
+                              "supported here; use train.mixed_precision=bf16")
         if name == "cgan" and not self.model.attributes:
             raise ConfigError("cgan needs attributes to condition on, e.g. model.attributes=[Male,Smiling,Eyeglasses]")
 
@@ -161,6 +182,18 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two nested config dicts: key -> (old, new)."""
+    found: dict[str, tuple[Any, Any]] = {}
+    for key in dict.fromkeys([*old, *new]):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found.update(differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            found[f"{prefix}{key}"] = (a, b)
+    return found
 
 
 def to_yaml(cfg: Any) -> str:

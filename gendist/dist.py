@@ -3,15 +3,21 @@ reductions, buffer averaging, rank-aware printing and shutdown. Models, losses a
 free of torch.distributed."""
 from __future__ import annotations
 
+import datetime
 import functools
 import os
+import sys
+import traceback
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from gendist.engines import accelerate_without_deepspeed
 
@@ -50,7 +56,13 @@ def build_accelerator(mixed_precision: str) -> Accelerator:
 
 def seed_everything(seed: int, accelerator: Accelerator | None = None) -> None:
     """Same seed on every rank, or a distinct stream per rank when an accelerator is given."""
-    set_seed(seed + (accelerator.process_index if accelerator is not None else 0))
+    set_seed(seed if accelerator is None else rank_seed(seed, accelerator.process_index))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Rank `rank`'s seed of a run seeded `seed`: a child of numpy's SeedSequence, so run seed 0 rank 1
+    and run seed 1 rank 0 draw unrelated streams (`seed + rank` would make them one)."""
+    return int(np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(1)[0])
 
 
 @torch.no_grad()
@@ -67,9 +79,18 @@ def average_buffers(accelerator: Accelerator, model: nn.Module) -> None:
 def mean_across_ranks(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
     """One collective for a dict of scalars: the mean over ranks, as Python floats."""
     names = sorted(values)
-    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names]).to(accelerator.device)
+    stacked = torch.stack([torch.as_tensor(values[n], device=accelerator.device).detach().float().reshape(())
+                           for n in names])
     reduced = accelerator.reduce(stacked, reduction="mean")
     return dict(zip(names, reduced.tolist()))
+
+
+def min_across_ranks(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum over ranks (collective)."""
+    values = values.clone()
+    if accelerator.num_processes > 1:
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MIN)
+    return values
 
 
 def chunk_bounds(total: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -130,6 +151,53 @@ def rank_print(accelerator: Accelerator, message: str) -> None:
     if accelerator.is_main_process:
         tag = f"[rank 0/{accelerator.num_processes}] " if accelerator.num_processes > 1 else ""
         print(f"{tag}{message}", flush=True)
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (also before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Shorten the process group's timeout once set-up is over: a rank stuck in a collective (a peer
+    that died on NCCL, a hung device) then fails after `seconds` instead of the launch default
+    (30 min gloo, 10 min NCCL), which set-up keeps for rank 0's one-off work (shard and FID caches)."""
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.set_timeout(datetime.timedelta(seconds=seconds))
+        if _cpu_group() is not None:
+            torch_dist.set_timeout(datetime.timedelta(seconds=seconds), _cpu_group())
+
+
+def run_on_every_rank(command: Callable[[], int], user_errors: tuple[type[Exception], ...]) -> int:
+    """Run an entry point's `command` and return its exit code, closing the process group only on
+    success. A user mistake (`user_errors`) is said in one line with exit code 2; any other error
+    prints its traceback tagged with the rank. With several processes a failing rank then exits at
+    once: a barrier or a destructor on the error path would wait for peers that sit in another
+    collective until the group's timeout, and the launcher tears the healthy ranks down only once
+    this one has exited. One process raises as usual."""
+    try:
+        code = command()
+    except user_errors as err:
+        return _fail(2, f"gendist: error: {err}", err)
+    except BaseException as err:
+        if launched_world_size() == 1:
+            raise
+        return _fail(1, traceback.format_exc(), err)
+    shutdown()
+    return code
+
+
+def _fail(code: int, text: str, err: BaseException) -> int:
+    world = launched_world_size()
+    if world > 1:
+        tag = f"[rank {os.environ.get('RANK', '?')}/{world}] "
+        text = "".join(tag + line for line in text.rstrip("\n").splitlines(keepends=True))
+    print(text, file=sys.stderr, flush=True)
+    if world == 1:
+        return code
+    ErrorHandler().record_exception(err)  # the launcher's failure summary names this rank and error
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def shutdown() -> None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from gendist import dist
-from gendist.checkpoint import latest_checkpoint, load_checkpoint
+from gendist.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from gendist.config import ConfigError, load_config, parse_args_with_overrides
 from gendist.data.shards import read_manifest
 from gendist.eval.evaluator import Evaluator, append_row
@@ -72,14 +72,9 @@ def build_reference(args: argparse.Namespace) -> int:
 
 
 def run(command, args: argparse.Namespace) -> int:
-    """Run `command` with user mistakes reported in one line, and the process group closed."""
-    try:
-        return command(args)
-    except (ConfigError, InceptionWeightsError, FileNotFoundError, ValueError) as err:
-        print(f"gendist: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        dist.shutdown()
+    """Run `command` with user mistakes reported in one line (dist.run_on_every_rank)."""
+    return dist.run_on_every_rank(lambda: command(args), (ConfigError, InceptionWeightsError, FileNotFoundError,
+                                                          ValueError, CheckpointError))
 
 
 def main(argv: list[str] | None = None) -> int:

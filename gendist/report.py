@@ -11,11 +11,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from gendist.checkpoint import latest_checkpoint
+from gendist.checkpoint import latest_checkpoint, safe_load
 from gendist.config import RunConfig, load_config
 from gendist.eval.evaluator import read_rows
 from gendist.reporting import read_jsonl
@@ -54,7 +53,7 @@ def load_run(path: Path, name: str) -> RunSummary:
     summary = RunSummary(name, path, load_config(path / "config.yaml"), metrics, read_rows(path))
     checkpoint = latest_checkpoint(path)
     if checkpoint is not None:
-        summary.counters = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)["train_state"]
+        summary.counters = safe_load(checkpoint / "state.pt")["train_state"]
     elif metrics:
         last = metrics[-1]
         summary.counters = {"step": last["step"], "images_seen": last.get("images_seen", 0), "train_seconds": 0.0}

@@ -5,7 +5,10 @@ Callers pass values already reduced across ranks; non-main ranks get a reporter 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    """One row of strict JSON: a non-finite number is written as null (JSON has no NaN)."""
     with path.open("a") as sink:
-        sink.write(json.dumps(row) + "\n")
+        sink.write(json.dumps(_finite_or_null(row), allow_nan=False) + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def drop_rows_after(path: Path, step: int, applies: Callable[[dict[str, Any]], bool] = lambda row: True) -> None:
+    """Remove the rows of steps after `step` (those `applies` to): a resumed run logs them again."""
+    rows = read_jsonl(path)
+    kept = [row for row in rows if not (row.get("step", 0) > step and applies(row))]
+    if len(kept) != len(rows):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(partial, path)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ loop finishes its step, the ranks agree to stop (dist.any_rank), and the run che
 returns. Relaunching with the same run folder resumes from that checkpoint."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from types import FrameType
@@ -40,7 +41,7 @@ class StopRequests:
         return ", ".join(dict.fromkeys(self.received)) or "another rank"
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        if os.getpid() != self._owner_pid:  # a child forked before it could call ignore_in_worker
+        if os.getpid() != self._owner_pid:  # a child forked before it installed its own handlers
             return
         name = signal.Signals(signum).name
         self.received.append(name)
@@ -48,9 +49,24 @@ class StopRequests:
             raise KeyboardInterrupt
 
 
-def ignore_in_worker(worker_id: int) -> None:
-    """worker_init_fn of data-loader workers. SLURM and Ctrl-C signal every process of a job step
-    or terminal, and a worker killed now would fail the step before its checkpoint (PyTorch's
-    workers die on SIGTERM by default); the main process closes them when the run ends."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+class LoaderWorkerSignals:
+    """worker_init_fn of data-loader workers. SLURM and Ctrl-C signal every process of a job step or
+    terminal, and a worker killed then would fail the step before its checkpoint (PyTorch's workers
+    die on SIGTERM by default), so workers ignore stop signals while the trainer runs. Once the
+    trainer has closed its loader (`release`, on every exit path), SIGTERM ends them again: the
+    DataLoader's shutdown and multiprocessing's exit handler stop workers with SIGTERM and wait for
+    them, and a worker still ignoring it would keep the process from ever exiting."""
+
+    def __init__(self) -> None:
+        self._released = multiprocessing.Event()
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._on_signal)
+
+    def release(self) -> None:
+        self._released.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGTERM and self._released.is_set():
+            os._exit(0)

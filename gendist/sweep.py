@@ -142,14 +142,14 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     else:
         launcher = [sys.executable]
     eval_log = run_dir / "eval.jsonl"
-    offset = eval_log.stat().st_size if eval_log.is_file() else 0
+    reported = start_step  # a resumed trainer drops and replays the rows after its checkpoint
     with (trial_dir / "train.log").open("a") as log:
         proc = subprocess.Popen([*launcher, "-m", "gendist.train", "--config", plan.base, *overrides], cwd=plan.workdir,
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         try:
             while True:
                 finished = proc.poll() is not None
-                offset = _report_new_rows(eval_log, offset, run_dir, cfg, proc)
+                reported = _report_new_rows(eval_log, reported, run_dir, plan.workers, proc)
                 if finished:
                     break
                 time.sleep(0.5)
@@ -167,29 +167,29 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
                            "the trial is retried from its last reported checkpoint")
 
 
-def _report_new_rows(eval_log: Path, offset: int, run_dir: Path, cfg: RunConfig, proc: subprocess.Popen) -> int:
-    """Report the evaluation rows appended since `offset`, each with its step's checkpoint."""
+def _report_new_rows(eval_log: Path, reported: int, run_dir: Path, ranks: int, proc: subprocess.Popen) -> int:
+    """Report the training's evaluation rows of steps after `reported`, each with its step's
+    checkpoint; returns the last step reported."""
     from ray import tune
 
-    if not eval_log.is_file():
-        return offset
-    with eval_log.open() as handle:
-        handle.seek(offset)
-        text = handle.read()
-    complete = text[:text.rfind("\n") + 1]
-    for line in complete.splitlines():
+    text = eval_log.read_text() if eval_log.is_file() else ""
+    for line in text[:text.rfind("\n") + 1].splitlines():
         row = json.loads(line)
+        if row.get("source") != "training" or row["step"] <= reported:
+            continue
         folder = checkpoint_root(run_dir) / f"step_{row['step']:07d}"
         while not (folder / "state.pt").is_file() and proc.poll() is None:  # saved right after the evaluation
             time.sleep(0.2)
         metrics = {"fid": row["fid"], "kid": row["kid"], "step": row["step"], "images_seen": row["images_seen"],
-                   "fid_samples": row["protocol"]["generated"], "inception": row["protocol"]["inception"]}
+                   "fid_samples": row["protocol"]["generated"], "inception": row["protocol"]["inception"],
+                   "ranks": ranks}
         if (folder / "state.pt").is_file():
             (folder / "step.json").write_text(json.dumps({"step": row["step"]}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
         else:
             tune.report(metrics)
-    return offset + len(complete.encode())
+        reported = row["step"]
+    return reported
 
 
 def build_tuner(sweep: SweepConfig, resume: bool):
@@ -240,6 +240,7 @@ def summarise(sweep: SweepConfig, results, experiment: Path) -> Path | None:
     for result in results:
         rows.append({"trial": Path(result.path).name, **result.config,
                      metric: (result.metrics or {}).get(metric), "step": (result.metrics or {}).get("step"),
+                     "ranks": (result.metrics or {}).get("ranks", sweep.sweep.workers_per_trial),
                      "error": str(result.error).splitlines()[0] if result.error else ""})
     with (experiment / "trials.csv").open("w", newline="") as sink:
         writer = csv.DictWriter(sink, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))

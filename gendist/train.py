@@ -10,8 +10,10 @@ import argparse
 import sys
 
 from gendist import dist
+from gendist.checkpoint import CheckpointError
 from gendist.config import ConfigError, load_config, parse_args_with_overrides, to_yaml
 from gendist.eval.inception import InceptionWeightsError
+from gendist.training.common import Diverged
 from gendist.training.gan import GAN_FAMILIES, train_gan
 from gendist.training.vae import train_vae
 
@@ -33,14 +35,14 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    try:
+
+    def train() -> int:
         TRAINERS[cfg.model.name](cfg)
-    except InceptionWeightsError as err:  # eval.every > 0 without the FID weights: said at start-up
-        print(f"gendist: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        dist.shutdown()
-    return 0
+        return 0
+
+    # Said in one line: refusals at set-up (ConfigError), missing FID weights with eval.every > 0
+    # (said at start-up), unreadable checkpoints, and a run that diverged.
+    return dist.run_on_every_rank(train, (ConfigError, InceptionWeightsError, CheckpointError, Diverged))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,7 +124,7 @@ def assert_ranks_agree(out: Path, families: list[str], proc: subprocess.Complete
         assert (out / family / "samples" / f"step_{samples_at:07d}.png").exists()
 
 
-def launch(kind: str, out: Path, overrides: list[str], script: list[str]) -> subprocess.CompletedProcess:
+def launch(kind: str, out: Path, overrides: list[str], script: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """Start 2 real processes on CPU: accelerate (DDP), deepspeed (accelerate with the ZeRO-2 config)
     or torchrun; the log goes to out/<kind>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
@@ -135,6 +135,6 @@ def launch(kind: str, out: Path, overrides: list[str], script: list[str]) -> sub
                "--num_processes", "2", "--main_process_port", port, *script]
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, *script]
-    proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     (out / f"{kind}.log").write_text(proc.stdout + proc.stderr)
     return proc

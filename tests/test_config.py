@@ -78,3 +78,13 @@ def test_resolved_config_round_trips_through_yaml(tmp_path: Path):
 def test_shipped_configs_load():
     for path in sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml")):
         load_config(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr_g=-1e-4", "optim.lr_g"), ("optim.lr_d=nan", "optim.lr_d"), ("optim.lr_g=inf", "optim.lr_g"),
+    ("loss.gp_weight=-10", "loss.gp_weight"), ("model.ngf=0", "model.ngf"), ("model.z_dim=0", "model.z_dim"),
+    ("model.ndf=0", "model.ndf"), ("optim.betas=[1.0, 0.9]", "optim.betas"), ("vae.beta=-1", "vae.beta"),
+])
+def test_impossible_numbers_are_config_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])

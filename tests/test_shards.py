@@ -1,6 +1,8 @@
 import io
 import json
+import struct
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,8 @@ from PIL import Image
 
 from conftest import make_fake_celeba
 from gendist.cli import main as gendist_main
-from gendist.data.shards import Preprocess, read_manifest, write_shards
+from gendist.data.loader import split_shards
+from gendist.data.shards import Preprocess, file_sha256, read_manifest, verify_shards, write_shards
 from gendist.data.sources import CelebASource, FolderSource, parse_attributes
 
 
@@ -126,6 +129,129 @@ def test_generic_folder_converter_and_cli(tmp_path: Path):
 def test_cli_names_a_missing_source(tmp_path: Path, capsys):
     assert gendist_main(["shards", "celeba", "--src", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "CelebA folder not found" in capsys.readouterr().err
+
+
+def convert_celeba(src: Path, out: Path, *options: str) -> int:
+    return gendist_main(["shards", "celeba", "--src", str(src), "--out", str(out), "--size", "16",
+                         "--shard-size", "4", "--images-per-sample", "2", "--workers", "1", *options])
+
+
+def test_all_corrupt_conversion_is_refused_and_leaves_no_shard_set(tmp_path: Path, capsys):
+    make_fake_celeba(tmp_path / "celeba", present=6, listed=6, corrupt=(1, 2, 3, 4, 5, 6))
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "gendist: error: celeba: no image could be converted, all 6 were corrupt" in err
+    assert "(e.g. 00000" in err and "cannot decode" in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not list((tmp_path / "out").glob("*.tar*"))
+
+
+def test_a_split_left_empty_by_corruption_is_named_and_refused_by_the_loader(tmp_path: Path, capsys):
+    truth = make_fake_celeba(tmp_path / "celeba", present=12, listed=12, corrupt=(4, 10))  # val: 4 and 10
+    assert [n for n in truth["present"] if truth["split_of"][n] == 1] == ["000004.jpg", "000010.jpg"]
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out") == 0
+    assert "split val is EMPTY: all 2 of its images were corrupt" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["splits"]["val"] == {"count": 0, "shards": []}
+    assert manifest["splits"]["train"]["count"] == 8 and manifest["splits"]["test"]["count"] == 2
+    assert manifest["left_out"]["corrupt"] == 2
+    with pytest.raises(ValueError, match="no 'val' shards; splits with data: train, test"):
+        split_shards(str(tmp_path / "out"), "val", 16)
+
+
+def test_manifest_records_streamed_sha256_and_size(tmp_path: Path):
+    make_fake_celeba(tmp_path / "celeba", present=6, listed=6)
+    manifest = write_shards(CelebASource(tmp_path / "celeba"), tmp_path / "out", Preprocess(16), images_per_sample=2,
+                            shard_size=2, workers=1, show_progress=False)
+    for shard in (s for split in manifest["splits"].values() for s in split["shards"]):
+        path = tmp_path / "out" / shard["name"]
+        assert shard["bytes"] == path.stat().st_size
+        assert shard["sha256"] == file_sha256(path, chunk_bytes=1000) == file_sha256(path)
+
+
+@pytest.fixture
+def shard_set(tmp_path: Path) -> Path:
+    """12 fake CelebA images as 2-image shards: train 00000-00003, val 00000, test 00000."""
+    make_fake_celeba(tmp_path / "celeba", present=12, listed=12)
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out", "--shard-size", "2") == 0
+    return tmp_path / "out"
+
+
+def test_verify_passes_on_a_fresh_shard_set(shard_set: Path, capsys):
+    capsys.readouterr()
+    assert gendist_main(["shards", "verify", str(shard_set)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"ok: all 6 shards in {shard_set} match manifest.json"
+
+
+def test_verify_names_changed_missing_and_extra_shards(shard_set: Path, capsys):
+    flipped = shard_set / "train-00000.tar"  # same size, one byte changed: only the sha256 tells
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    with open(shard_set / "train-00001.tar", "ab") as grown:
+        grown.write(b"\0" * 512)
+    (shard_set / "val-00000.tar").unlink()
+    (shard_set / "stray.tar").write_bytes(b"")
+    capsys.readouterr()
+    assert gendist_main(["shards", "verify", str(shard_set)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    problems, summary = lines[:-1], lines[-1]
+    assert len(problems) == 4
+    assert any(line.startswith("changed: train-00000.tar: sha256 ") for line in problems)
+    assert any(line.startswith("changed: train-00001.tar: ") and " bytes, manifest.json says " in line for line in problems)
+    assert "missing: val-00000.tar: listed with 2 images, not found" in problems
+    assert "extra: stray.tar: not listed in manifest.json" in problems
+    assert summary == f"DAMAGED: {shard_set}: 1 missing, 2 changed, 1 extra (6 shards listed in manifest.json)"
+
+
+def test_verify_reads_manifests_without_sizes(shard_set: Path):
+    manifest = json.loads((shard_set / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            del shard["bytes"]
+    (shard_set / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_shards(shard_set).ok
+    with open(shard_set / "test-00000.tar", "ab") as grown:
+        grown.write(b"\0" * 512)
+    [problem] = verify_shards(shard_set).problems
+    assert (problem.kind, problem.name) == ("changed", "test-00000.tar")
+
+
+def test_verify_without_a_manifest_exits_2(tmp_path: Path, capsys):
+    assert gendist_main(["shards", "verify", str(tmp_path)]) == 2
+    assert "no manifest.json in" in capsys.readouterr().err
+
+
+def damage_zip_member(archive: Path, member: str) -> None:
+    """Flip bytes in the middle of a stored member's data, leaving every header intact."""
+    with zipfile.ZipFile(archive) as zipped:
+        info = zipped.getinfo(member)
+    data = bytearray(archive.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    middle = info.header_offset + 30 + name_length + extra_length + info.compress_size // 2
+    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    archive.write_bytes(bytes(data))
+
+
+def test_zip_member_with_a_bad_crc_is_counted_as_corrupt(tmp_path: Path):
+    make_fake_celeba(tmp_path / "celeba", present=12, listed=12, as_zip=True)
+    damage_zip_member(tmp_path / "celeba" / "img_align_celeba.zip", "img_align_celeba/000003.jpg")
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out") == 0
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["left_out"]["corrupt"] == 1
+    assert sum(split["count"] for split in manifest["splits"].values()) == 11
+    [example] = manifest["corrupt_examples"]
+    assert example.startswith("000003.jpg: cannot read ") and "Bad CRC-32" in example
+
+
+def test_truncated_zip_is_named(tmp_path: Path, capsys):
+    make_fake_celeba(tmp_path / "celeba", present=6, listed=6, as_zip=True)
+    archive = tmp_path / "celeba" / "img_align_celeba.zip"
+    archive.write_bytes(archive.read_bytes()[:archive.stat().st_size // 2])
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "img_align_celeba.zip is not a readable zip (truncated or damaged?)" in err
+    assert "Traceback" not in err
 
 
 SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "celeba-sample"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gendist.data.shards import read_manifest
-from gendist.stopping import ignore_in_worker
 
 
 def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
@@ -199,8 +198,10 @@ def read_in_order(shard_dir: str, split: str, image_size: int, limit: int = 0) -
     return images[:count], attrs[:count], counters.errors
 
 
-def make_loader(spec: StreamSpec, num_workers: int, epoch: int = 0, skip_batches: int = 0) -> DataLoader:
-    """A DataLoader over one epoch; its own generator keeps the global torch RNG untouched."""
+def make_loader(spec: StreamSpec, num_workers: int, epoch: int = 0, skip_batches: int = 0,
+                worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
+    """A DataLoader over one epoch; its own generator keeps the global torch RNG untouched.
+    `worker_init_fn` runs in each worker (the trainer's sets the workers' signal handling)."""
     stream = ShardStream(spec, epoch, skip_batches)
     return DataLoader(
         stream,
@@ -209,5 +210,5 @@ def make_loader(spec: StreamSpec, num_workers: int, epoch: int = 0, skip_batches
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(spec.seed),
         persistent_workers=False,
-        worker_init_fn=ignore_in_worker,
+        worker_init_fn=worker_init_fn,
     )

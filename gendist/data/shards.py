@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import random
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,7 @@ from typing import Literal
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from gendist.data.sources import ImageSource
@@ -85,8 +87,21 @@ def _encoded(image: np.ndarray, encoding: Encoding) -> tuple[str, bytes]:
     return "png", buffer.getvalue()
 
 
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 read in chunks: shards can be GBs."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _write_shard(task: ShardTask) -> dict:
-    """Runs in a worker: read, preprocess and write one shard atomically; report what was skipped."""
+    """Runs in a worker: read, preprocess and write one shard atomically; report what was skipped.
+
+    A shard whose images were all corrupt is not written: the manifest lists only shards with data,
+    which is what the loader checks to refuse an empty split.
+    """
     source, preprocess = _worker["source"], _worker["preprocess"]
     encoding, per_sample = _worker["encoding"], _worker["per_sample"]
     name = f"{task.split}-{task.index:05d}.tar"
@@ -101,6 +116,9 @@ def _write_shard(task: ShardTask) -> dict:
             continue
         attributes.append(attrs)
         keys.append(key)
+    result = {"split": task.split, "name": name, "count": len(keys), "corrupt": corrupt}
+    if not keys:
+        return result
     with wds.TarWriter(str(partial), encoder=False) as sink:
         if encoding == "raw":
             for start in range(0, len(images), per_sample):
@@ -116,9 +134,9 @@ def _write_shard(task: ShardTask) -> dict:
                 extension, data = _encoded(image, encoding)
                 stem = key.rsplit(".", 1)[0].replace(".", "_").replace("/", "_")
                 sink.write({"__key__": stem, extension: data, "attrs.npy": _npy_bytes(attrs.reshape(1, -1))})
-    digest = hashlib.sha256(partial.read_bytes()).hexdigest()
+    result.update(sha256=file_sha256(partial), bytes=partial.stat().st_size)
     os.replace(partial, final)
-    return {"split": task.split, "name": name, "count": len(keys), "sha256": digest, "corrupt": corrupt}
+    return result
 
 
 def write_shards(
@@ -170,15 +188,18 @@ def write_shards(
                 results.append(result)
                 progress.advance(bar, result["count"] + len(result["corrupt"]))
     seconds = time.perf_counter() - started
+    corrupt = [line for r in results for line in r["corrupt"]]
+    if not any(r["count"] for r in results):  # so no shard file was written either
+        raise ValueError(f"{source.name}: no image could be converted, all {len(corrupt)} were corrupt "
+                         f"(e.g. {corrupt[0]}); wrote no shard set to {out_dir}")
 
     splits = {}
     for split in plan.splits:
-        shards = sorted((r for r in results if r["split"] == split), key=lambda r: r["name"])
+        shards = sorted((r for r in results if r["split"] == split and r["count"]), key=lambda r: r["name"])
         splits[split] = {
             "count": sum(r["count"] for r in shards),
-            "shards": [{k: r[k] for k in ("name", "count", "sha256")} for r in shards],
+            "shards": [{k: r[k] for k in ("name", "count", "sha256", "bytes")} for r in shards],
         }
-    corrupt = [line for r in results for line in r["corrupt"]]
     manifest = {
         "format": FORMAT,
         "dataset": source.name,
@@ -197,9 +218,13 @@ def write_shards(
     partial.write_text(json.dumps(manifest, indent=1))
     os.replace(partial, out_dir / MANIFEST)
     converted = sum(s["count"] for s in splits.values())
-    manifest_summary = f"{converted} images in {len(results)} shards, {seconds:.1f} s ({converted / seconds:.0f} images/s, {workers} workers)"
+    written = sum(len(s["shards"]) for s in splits.values())
+    manifest_summary = f"{converted} images in {written} shards, {seconds:.1f} s ({converted / seconds:.0f} images/s, {workers} workers)"
+    emptied = [f"; split {split} is EMPTY: all {len(keys)} of its images were corrupt"
+               for split, keys in plan.splits.items() if keys and not splits[split]["count"]]
     if show_progress:
-        progress.console.print(f"wrote {out_dir}: {manifest_summary}; left out: {manifest['left_out']}")
+        progress.console.print(f"wrote {out_dir}: {manifest_summary}; left out: {manifest['left_out']}{''.join(emptied)}",
+                               soft_wrap=True)
     return manifest
 
 
@@ -213,3 +238,62 @@ def read_manifest(shard_dir: str | Path) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}; reconvert the dataset")
     return manifest
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """A shard that does not match the manifest: missing, changed, or an extra .tar it does not list."""
+
+    kind: Literal["missing", "changed", "extra"]
+    name: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.name}: {self.detail}"
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    shard_dir: Path
+    listed: int  # shards in the manifest
+    problems: list[ShardProblem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"ok: all {self.listed} shards in {self.shard_dir} match {MANIFEST}"
+        kinds = Counter(problem.kind for problem in self.problems)
+        found = ", ".join(f"{kinds[kind]} {kind}" for kind in ("missing", "changed", "extra") if kinds[kind])
+        return f"DAMAGED: {self.shard_dir}: {found} ({self.listed} shards listed in {MANIFEST})"
+
+
+def verify_shards(shard_dir: str | Path, show_progress: bool = False) -> ShardCheck:
+    """Compare every shard with its manifest entry (size where recorded, then sha256) and look for
+    .tar files the manifest does not list. The progress bar goes to stderr, so stdout keeps only
+    what the caller prints of the result."""
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    listed = [shard for split in manifest["splits"].values() for shard in split["shards"]]
+    problems = []
+    columns = (TextColumn("[bold]verify[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not show_progress) as progress:
+        for entry in progress.track(listed, description=str(shard_dir)):
+            path = shard_dir / entry["name"]
+            if not path.is_file():
+                problems.append(ShardProblem("missing", entry["name"], f"listed with {entry['count']} images, not found"))
+                continue
+            size = path.stat().st_size
+            if "bytes" in entry and size != entry["bytes"]:  # manifests written before sizes lack "bytes"
+                problems.append(ShardProblem("changed", entry["name"], f"{size} bytes, {MANIFEST} says {entry['bytes']}"))
+                continue
+            digest = file_sha256(path)
+            if digest != entry["sha256"]:
+                problems.append(ShardProblem("changed", entry["name"],
+                                             f"sha256 {digest[:16]}..., {MANIFEST} says {entry['sha256'][:16]}..."))
+    names = {entry["name"] for entry in listed}
+    problems += [ShardProblem("extra", path.name, f"not listed in {MANIFEST}")
+                 for path in sorted(shard_dir.glob("*.tar")) if path.name not in names]
+    return ShardCheck(shard_dir, len(listed), problems)

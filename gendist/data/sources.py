@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from PIL import Image
 
 CELEBA_SPLITS = {0: "train", 1: "val", 2: "test"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+# What zipfile raises when one member is damaged: a bad CRC or local header, broken deflate data,
+# data that ends early. The rest of the archive stays readable, so the member counts as corrupt.
+DAMAGED_MEMBER_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError)
 
 
 @dataclass
@@ -115,10 +119,12 @@ class CelebASource(ImageSource):
 
     def _archive_names(self) -> dict[str, str]:
         if not self._zip_names:
-            with zipfile.ZipFile(self.archive) as archive:
-                self._zip_names = {
-                    Path(n).name: n for n in archive.namelist() if n.lower().endswith(".jpg") and not n.endswith("/")
-                }
+            try:
+                with zipfile.ZipFile(self.archive) as archive:
+                    names = archive.namelist()
+            except zipfile.BadZipFile as err:  # e.g. a download cut short: the central directory is gone
+                raise ValueError(f"{self.archive} is not a readable zip (truncated or damaged?): {err}") from err
+            self._zip_names = {Path(n).name: n for n in names if n.lower().endswith(".jpg") and not n.endswith("/")}
         return self._zip_names
 
     def plan(self) -> SplitPlan:
@@ -143,7 +149,11 @@ class CelebASource(ImageSource):
         if self._zip is None:  # opened lazily so each worker process has its own handle
             self._zip = zipfile.ZipFile(self.archive)
         member = self._archive_names()[key]
-        return _decode_rgb(f"{self.archive}:{member}", self._zip.read(member))
+        try:
+            data = self._zip.read(member)
+        except DAMAGED_MEMBER_ERRORS as err:
+            raise ValueError(f"cannot read {self.archive}:{member}: {err}") from err
+        return _decode_rgb(f"{self.archive}:{member}", data)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_zip": None}

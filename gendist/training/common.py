@@ -2,6 +2,7 @@
 state, checkpointed objects, metric windows and the log/sample/checkpoint cadence)."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -9,18 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from torch import nn
 
+import gendist
 from gendist import dist, engines
-from gendist.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from gendist.config import ConfigError, OptimConfig, RunConfig, to_yaml
-from gendist.data.loader import StreamSpec, make_loader
+from gendist.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                save_checkpoint, set_rng_state)
+from gendist.config import ConfigError, OptimConfig, RunConfig, differences, to_dict, to_yaml
+from gendist.data.loader import StreamSpec, batches_per_epoch, make_loader
 from gendist.data.shards import MANIFEST, Preprocess, read_manifest, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
-from gendist.eval.evaluator import Evaluator, Generate, Reconstruct, append_row
-from gendist.reporting import Reporter
-from gendist.stopping import StopRequests
+from gendist.eval.evaluator import EVAL_LOG, Evaluator, Generate, Reconstruct, append_row
+from gendist.reporting import Reporter, drop_rows_after
+from gendist.stopping import LoaderWorkerSignals, StopRequests
 
 
 PLAIN = "accelerate"  # the backend of DDP runs, as checkpoints name it
@@ -43,6 +47,10 @@ class TrainState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+
+class Diverged(RuntimeError):
+    """A loss or a weight stopped being finite: the run ends without checkpointing it."""
 
 
 def build_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -80,6 +88,42 @@ def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
     return str(folder)
 
 
+def stack_values(values: dict[str, torch.Tensor | float], names: list[str], device: torch.device) -> torch.Tensor:
+    """One float vector on `device` of a step's values (device or CPU tensors, Python numbers)."""
+    return torch.stack([torch.as_tensor(values[name], device=device).detach().float().reshape(()) for name in names])
+
+
+def all_finite(params) -> bool:
+    flags = [p.detach().isfinite().all() for p in params]
+    return bool(torch.stack(flags).all().item()) if flags else True
+
+
+def record_config(cfg: RunConfig, run_dir: Path) -> str | None:
+    """Write the run's config.yaml (rank 0). A relaunch with other settings says what changed and keeps
+    the previous file beside it; a change of the networks (model.*) once checkpoints exist is refused
+    (the returned message), since they could not load into the new networks."""
+    (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+    path, text = run_dir / "config.yaml", to_yaml(cfg)
+    if path.is_file() and path.read_text() != text:
+        changed = differences(yaml.safe_load(path.read_text()), to_dict(cfg))
+        latest = latest_checkpoint(run_dir)
+        networks = [key for key in changed if key.startswith("model.")]
+        if latest is not None and networks:
+            return (f"{run_dir} holds checkpoints of other networks ({'; '.join(_changes(changed, networks))}): "
+                    f"they cannot resume with this config; use a new train.run_dir, or the run's own {path}")
+        kept = path.with_name(f"config.until_step_{checkpoint_step(latest) if latest else 0:07d}.yaml")
+        if not kept.exists():
+            path.rename(kept)
+        print(f"config changed since this run's last launch: {'; '.join(_changes(changed, list(changed)))} "
+              f"(the previous config is kept as {kept.name})", flush=True)
+    path.write_text(text)
+    return None
+
+
+def _changes(changed: dict[str, tuple[Any, Any]], keys: list[str]) -> list[str]:
+    return [f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in keys]
+
+
 def attribute_columns(wanted: list[str], available: list[str]) -> list[int]:
     missing = [name for name in wanted if name not in available]
     if missing:
@@ -98,22 +142,27 @@ class Session:
         self.engine_config = engines.engine_config(deepspeed, cfg, accelerator.num_processes) if deepspeed else None
         self.device = accelerator.device
         self.run_dir = Path(cfg.train.run_dir)
-        if accelerator.is_main_process:
-            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        refusal = record_config(cfg, self.run_dir) if accelerator.is_main_process else None
+        refusal = dist.broadcast_from_main(accelerator, refusal)
+        if refusal:
+            raise ConfigError(refusal)
         shard_dir = resolve_shards(cfg, accelerator)
         self.spec = StreamSpec(
             shard_dir=shard_dir, split=cfg.data.split, batch_size=cfg.data.batch_size, image_size=cfg.model.image_size,
             rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
             shuffle_pool=cfg.data.shuffle_pool, hflip=cfg.data.hflip,
         )
-        self.attribute_names: list[str] = read_manifest(shard_dir)["attribute_names"]
+        manifest = read_manifest(shard_dir)
+        self.attribute_names: list[str] = manifest["attribute_names"]
+        self._split_images: int = manifest["splits"].get(cfg.data.split, {}).get("count", 0)
         self.state = TrainState()
         self.checkpointed: dict[str, Any] = {}
         self.modules: list[nn.Module] = []
+        self.worker_signals = LoaderWorkerSignals()
         self._batches = self._stream()
-        self._sums: dict[str, torch.Tensor] = {}
-        self._window_steps, self._data_errors = 0, 0
+        self._window: list[torch.Tensor] = []  # per step: the loop's values, stacked in the order of _names
+        self._names: list[str] = []
+        self._data_errors = 0
         self._window_start, self._window_images_start = time.perf_counter(), 0
         self.reporter: Reporter | None = None
         self.evaluator = Evaluator(cfg, accelerator, shard_dir)
@@ -163,10 +212,10 @@ class Session:
         self._generator_label = generator_label
 
     def resume(self) -> None:
-        """Load the latest complete checkpoint of the run folder, if any, and start reporting."""
-        checkpoint = latest_checkpoint(self.run_dir)
+        """Load the latest checkpoint of the run folder that every rank can read, if any, and start
+        reporting. Rows that a killed run logged after that checkpoint are dropped: they are replayed."""
+        checkpoint, shared, rng = self._latest_readable()
         if checkpoint is not None:
-            shared, rng = load_checkpoint(checkpoint, self.accelerator.process_index)
             self._check_backend(checkpoint, shared)
             sharded = self.engines
             if sharded:
@@ -179,11 +228,49 @@ class Session:
             if self.accelerator.scaler is not None and "scaler" in shared:
                 self.accelerator.scaler.load_state_dict(shared["scaler"])
             self.state.load_state_dict(shared["train_state"])
+            self._check_layout(checkpoint, shared)
             if rng is not None:
                 set_rng_state(rng)
             dist.rank_print(self.accelerator, f"resumed from {checkpoint} at step {self.state.step}")
+        if self.accelerator.is_main_process:
+            drop_rows_after(self.run_dir / "metrics.jsonl", self.state.step)
+            drop_rows_after(self.run_dir / EVAL_LOG, self.state.step, lambda row: row.get("source") == "training")
         self.reporter = Reporter(self.run_dir, self.cfg.train.steps, self.state.step, self.accelerator.is_main_process)
         self._window_start, self._window_images_start = time.perf_counter(), self.state.images_seen
+
+    def _latest_readable(self) -> tuple[Path | None, dict | None, dict | None]:
+        """The newest checkpoint every rank could load, falling back past unreadable ones (said)."""
+        found = list_checkpoints(self.run_dir)
+        for checkpoint in reversed(found):
+            problem = None
+            try:
+                shared, rng = load_checkpoint(checkpoint, self.accelerator.process_index)
+            except CheckpointError as err:
+                problem = str(err)
+                print(f"[rank {self.accelerator.process_index}] warning: {problem}", flush=True)
+            if not dist.any_rank(self.accelerator, problem is not None):
+                return checkpoint, shared, rng
+            dist.rank_print(self.accelerator, f"warning: cannot resume from {checkpoint}; trying the checkpoint before it")
+        if found:
+            raise CheckpointError(f"none of the {len(found)} checkpoints in {found[0].parent} can be loaded (see the "
+                                  "warnings above); move them away to start this run afresh")
+        return None, None, None
+
+    def _check_layout(self, checkpoint: Path, shared: dict) -> None:
+        """Resuming under another rank count, loader workers, per-rank batch, seed or gendist version
+        works but is not bit-identical to an uninterrupted run: say so, and carry the position in
+        the epoch over as images read."""
+        saved = shared.get("layout", {"world_size": shared["world_size"]})  # older checkpoints
+        changed = {key: (value, self.layout[key]) for key, value in saved.items() if self.layout[key] != value}
+        if not changed:
+            return
+        old_batch = saved["world_size"] * saved.get("batch_size", self.cfg.data.batch_size)
+        new_batch = self.accelerator.num_processes * self.cfg.data.batch_size
+        self.state.batch_in_epoch = self.state.batch_in_epoch * old_batch // new_batch
+        described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+        dist.rank_print(self.accelerator, f"warning: resuming {checkpoint} with another layout ({described}): training "
+                        "continues, but not bit-identically to an uninterrupted run (the data order and the noise of "
+                        "each rank depend on these); the position in the epoch is carried over as images read")
 
     def _check_backend(self, checkpoint: Path, shared: dict) -> None:
         """A checkpoint resumes under the backend that wrote it (its optimizer states' format), and a
@@ -206,7 +293,8 @@ class Session:
     # -- data --------------------------------------------------------------------------------
     def _stream(self) -> Iterator[dict]:
         while True:
-            loader = make_loader(self.spec, self.cfg.data.num_workers, self.state.epoch, self.state.batch_in_epoch)
+            loader = make_loader(self.spec, self.cfg.data.num_workers, self.state.epoch, self.state.batch_in_epoch,
+                                 self.worker_signals)
             for batch in loader:
                 self.state.batch_in_epoch += 1
                 self.state.images_seen += self.spec.batch_size * self.accelerator.num_processes
@@ -224,20 +312,25 @@ class Session:
     def running(self) -> bool:
         return self.state.step < self.cfg.train.steps and not self.stopped_early
 
-    def step_done(self, values: dict[str, torch.Tensor]) -> None:
-        """Count a step, accumulate its values, and log / sample / evaluate / checkpoint on their cadence."""
+    def step_done(self, values: dict[str, torch.Tensor | float]) -> None:
+        """Count a step, keep its values, and log / sample / evaluate / checkpoint on their cadence.
+        Values may be device tensors or Python numbers; nothing here waits for the device."""
         train = self.cfg.train
         self.state.step += 1
-        self._window_steps += 1
-        for name, value in values.items():
-            self._sums[name] = self._sums.get(name, 0.0) + value.detach().float()
+        if not self._names:
+            self._names = sorted(values)
+        self._window.append(stack_values(values, self._names, self.device))
         last = self.state.step == train.steps
-        if self.state.step % train.log_every == 0 or last:
+        logged = self.state.step % train.log_every == 0 or last
+        if logged:
             self._log()
         else:
             self.reporter.advance(self.state.step)
         sample = self.state.step % train.sample_every == 0 or last
         evaluate = self.cfg.eval.every > 0 and (self.state.step % self.cfg.eval.every == 0 or last)
+        saved = self.state.step % train.checkpoint_every == 0 or last
+        if (sample or evaluate or saved) and not logged:
+            self._check_window()
         if sample or evaluate:
             for module in self.modules:
                 dist.average_buffers(self.accelerator, module)
@@ -245,7 +338,6 @@ class Session:
             self._write_samples()
         if evaluate:
             self.evaluate()
-        saved = self.state.step % train.checkpoint_every == 0 or last
         if saved:
             self.save()
         if not last and dist.any_rank(self.accelerator, self.stop_requests.requested):
@@ -254,12 +346,36 @@ class Session:
     def _stop_early(self, saved: bool) -> None:
         """A stop signal reached some rank during this step: log the partial window, checkpoint, end."""
         self.stopped_early = True
-        if self._window_steps:
+        if self._window:
             self._log()
         if not saved:
             self.save()
         self.reporter.message(f"stopping at step {self.state.step} on {self.stop_requests.describe()}: checkpoint "
                               f"written; the same command with train.run_dir={self.run_dir} resumes")
+
+    def _check_window(self) -> None:
+        """Collective: raise Diverged if any rank logged a non-finite value since the last log."""
+        if self._window:
+            flag = (~torch.stack(self._window).isfinite()).any().float()
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+                self._diverged()
+
+    def _diverged(self) -> None:
+        """Collective: name the first non-finite value over the ranks, then stop without a checkpoint."""
+        window = torch.stack(self._window)
+        steps = torch.arange(self.state.step - len(window) + 1, self.state.step + 1, device=self.device)
+        never = self.state.step + 1
+        bad = ~window.isfinite()
+        first = torch.where(bad, steps[:, None], never).amin(dim=0)  # per value: its first bad step here
+        first = dist.min_across_ranks(self.accelerator, first)
+        at = int(first.min().item())
+        names = [name for name, step in zip(self._names, first.tolist()) if step == at]
+        latest = latest_checkpoint(self.run_dir)
+        kept = (f"the last checkpoint, {latest} (step {checkpoint_step(latest)}), was written before it"
+                if latest is not None else "no checkpoint was written")
+        raise Diverged(f"training diverged: {', '.join(names)} not finite at step {at}; stopped without checkpointing "
+                       f"it ({kept}). Lower the learning rates (optim.lr_g, optim.lr_d) and resume, or start a new "
+                       "train.run_dir")
 
     def evaluate(self) -> dict:
         """Score the current models (collective); its time is kept out of the images/s window."""
@@ -284,25 +400,37 @@ class Session:
         return row
 
     def _log(self) -> None:
-        means = dist.mean_across_ranks(self.accelerator, {k: v / self._window_steps for k, v in self._sums.items()})
+        window = torch.stack(self._window)
+        means = dist.mean_across_ranks(self.accelerator, dict(zip(self._names, window.mean(dim=0))))
         errors = self.accelerator.reduce(torch.tensor(float(self._data_errors), device=self.device), reduction="sum")
         seconds = time.perf_counter() - self._window_start
         self.state.train_seconds += seconds
         images = self.state.images_seen - self._window_images_start
         self.reporter.log(self.state.step, {**means, "images_per_s": images / seconds, "data_errors": int(errors.item()),
                                             "epoch": self.state.epoch, "images_seen": self.state.images_seen})
-        self._sums, self._data_errors, self._window_steps = {}, 0, 0
+        if not all(math.isfinite(value) for value in means.values()):  # the same on every rank
+            self._diverged()
+        self._window, self._data_errors = [], 0
         self._window_start, self._window_images_start = time.perf_counter(), self.state.images_seen
 
     def save(self) -> None:
         for module in self.modules:
             dist.average_buffers(self.accelerator, module)
+        unfinite = [name for name, obj in self.checkpointed.items()
+                    if isinstance(obj, nn.Module) and not all_finite(obj.parameters())]
+        if dist.any_rank(self.accelerator, bool(unfinite)):
+            latest = latest_checkpoint(self.run_dir)
+            raise Diverged(f"training diverged: the weights of {', '.join(unfinite) or 'a network on another rank'} are "
+                           f"not finite after step {self.state.step}; no checkpoint of them was written (the latest "
+                           f"is {latest}). Lower the learning rates (optim.lr_g, optim.lr_d) and resume")
         shared: dict[str, Any] = {
             name: (self.accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj).state_dict()
             for name, obj in self.checkpointed.items()
         }
         shared["train_state"] = self.state.state_dict()
         shared["world_size"] = self.accelerator.num_processes
+        shared["layout"] = self.layout
+        shared["config"] = to_yaml(self.cfg)
         shared["backend"] = self.backend
         if self.accelerator.scaler is not None:
             shared["scaler"] = self.accelerator.scaler.state_dict()
@@ -311,7 +439,18 @@ class Session:
         save_checkpoint(self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints,
                         write_sharded)
 
+    @property
+    def layout(self) -> dict[str, Any]:
+        """What an exact resume depends on besides the checkpointed state."""
+        return {"world_size": self.accelerator.num_processes, "num_workers": self.cfg.data.num_workers,
+                "batch_size": self.cfg.data.batch_size, "seed": self.cfg.train.seed, "gendist": gendist.__version__}
+
     def __enter__(self) -> Session:
+        batch, world = self.cfg.data.batch_size, self.accelerator.num_processes
+        dist.rank_print(self.accelerator, f"global batch: {batch} images per rank x {world} rank(s) = {batch * world}; "
+                                          f"{batches_per_epoch(self._split_images, world, batch)} batches per epoch "
+                                          f"of the {self._split_images} '{self.cfg.data.split}' images")
+        dist.set_collective_timeout(self.cfg.train.collective_timeout_s)
         self.stop_requests.install()
         return self
 
@@ -319,6 +458,7 @@ class Session:
         # Stop the loader workers now, also on an error: left to the garbage collector, the stream
         # dies inside a reference cycle whose queues may be finalised first, and each worker then
         # takes its 5 s shutdown timeout.
+        self.worker_signals.release()
         self._batches.close()
         self.stop_requests.restore()
         if self.reporter is not None:

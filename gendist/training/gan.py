@@ -137,6 +137,8 @@ def train_gan(cfg: RunConfig) -> GanResult:
     critic, update_d = session.prepare("discriminator", critic, "opt_d", opt_d)
     if ema is not None:
         session.register("generator_ema", ema)
+        dist.rank_print(accelerator, f"generator EMA: decay {cfg.train.ema_decay} (after its warm-up), a horizon of "
+                                     f"about {1 / (1 - cfg.train.ema_decay):.0f} generator steps")
     fixed_noise, fixed_labels = fixed_inputs(cfg, len(columns), device)
     dist.seed_everything(cfg.train.seed, accelerator)  # a distinct noise stream per rank
     session.resume()

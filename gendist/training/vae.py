@@ -105,7 +105,7 @@ def train_vae(cfg: RunConfig) -> VaeResult:
             beta = kl_weight(cfg, session.state.step + 1)
             loss = recon + beta * kl
             update(loss)
-            values = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "kl_weight": torch.tensor(beta)}
+            values = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "kl_weight": beta}
             if net.log_sigma is not None:
                 values["sigma"] = net.log_sigma.detach().exp()
             session.step_done(values)
