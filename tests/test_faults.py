@@ -2,6 +2,7 @@
 damaged or refused checkpoints, resumes under another layout, and relaunches that replay steps."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -151,3 +152,40 @@ def test_step_values_from_any_device_land_on_the_sessions_device():
     assert stacked.device.type == "meta" and stacked.shape == (3,)
     with pytest.raises(RuntimeError):
         torch.stack([values["loss"], values["cpu"]])
+
+
+def test_each_epoch_reports_images_read_against_the_manifest_and_damage_is_warned(tiny_overrides, synthetic_shards,
+                                                                                    tmp_path, capsys):
+    train_gan(load_config(None, [*tiny_overrides, "train.steps=30"]))
+    out = capsys.readouterr().out
+    # 231 train images, 28 batches of 8 per epoch: 224 read once, 7 left over
+    assert ("epoch 0: read 224 of the 231 images the manifest lists; 0 short of the manifest, 0 unreadable "
+            "samples skipped, 7 left over") in out
+    damaged = tmp_path / "damaged"
+    shutil.copytree(synthetic_shards, damaged)
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    victim = damaged / manifest["splits"]["train"]["shards"][0]["name"]
+    victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])  # a copy cut short
+    train_gan(load_config(None, [*tiny_overrides, "train.steps=30", f"data.shards={damaged}",
+                                 f"train.run_dir={tmp_path / 'damaged_run'}"]))
+    out = capsys.readouterr().out
+    assert "warning: the shards delivered" in out and "gendist shards verify" in out
+    rows = strict_rows(tmp_path / "damaged_run" / "metrics.jsonl")
+    assert sum(row["data_short"] for row in rows) > 0
+
+
+def test_a_batch_larger_than_the_split_is_a_config_error_naming_the_key(tiny_overrides, capsys):
+    from gendist.train import main as train_main
+
+    assert train_main([*tiny_overrides, "data.batch_size=512", "train.steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "gendist: error: data.batch_size=512 on 1 rank needs at least 512 images per epoch" in err
+    assert "Traceback" not in err
+
+
+def test_rank_seeds_of_neighbouring_run_seeds_do_not_coincide():
+    from gendist.dist import rank_seed
+
+    seeds = {(seed, rank): rank_seed(seed, rank) for seed in range(4) for rank in range(8)}
+    assert len(set(seeds.values())) == len(seeds)  # seed + rank made (0, 1) and (1, 0) one stream
+    assert rank_seed(3, 2) == rank_seed(3, 2)

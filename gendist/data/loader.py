@@ -1,31 +1,44 @@
-"""Streaming loader: WebDataset shards -> uint8 batches, equal batch counts on every rank.
+"""Streaming loader: WebDataset shards -> uint8 batches, one pass over the split per epoch, equal
+batch counts on every rank.
 
-Each (rank, loader worker) pair is a slot. Per epoch, the shard list is shuffled with a seed shared
-by all ranks and dealt out round-robin to the slots; a slot cycles over its shards until it has
-produced its quota, so uneven shards never leave one rank short of batches (and hanging in a
-collective). Everything random derives from (seed, epoch, slot), so an epoch can be replayed and a
-resumed run skips exactly the batches it had already consumed.
+Each (rank, loader worker) pair is a slot. Per epoch, the shards are shuffled with a seed shared by
+all ranks and laid end to end as one virtual sequence of the split's N images (manifest counts),
+rotated by a seeded offset; slot after slot takes a contiguous range of exactly its quota of
+batches, so every image is read once and the remainder (N mod world x batch) moves every epoch.
+A range starts mid-shard: tars are read seekable, and samples before it cost only their headers.
+A damaged shard that yields less than its manifest says does not leave a slot short of batches
+(and a rank hanging in a collective): the slot reads on past its range and reports the loss.
+Everything random derives from (seed, epoch, slot), so an epoch can be replayed and a resumed run
+skips exactly the batches it had already consumed.
 """
 from __future__ import annotations
 
+import bisect
 import io
+import itertools
+import os
 import random
-from collections.abc import Callable, Iterator
+import sys
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
 
 from gendist.data.shards import read_manifest
 
+Block = tuple[np.ndarray, np.ndarray]  # images (n,H,W,3) uint8, attrs (n,A) int8
+_FIELDS = {"images.npy", "attrs.npy", "jpg", "png"}  # what decode_sample reads; other members are seeked over
+
 
 def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
-    """Batches each rank takes per epoch: one pass over the split, at least one."""
-    return max(1, num_images // (world_size * batch_size))
+    """Batches each rank takes per epoch: one pass over the split, less a remainder < world x batch."""
+    return num_images // (world_size * batch_size)
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,14 @@ class StreamSpec:
     hflip: bool = False
 
 
-def split_shards(shard_dir: str, split: str, image_size: int) -> tuple[list[str], int, list[str]]:
-    """Shard paths, image count and attribute names of a split, checked against the model's size."""
+@dataclass(frozen=True)
+class _Shard:
+    path: str
+    count: int  # images, as the manifest says
+
+
+def _split_layout(shard_dir: str, split: str, image_size: int) -> tuple[dict, list[_Shard]]:
+    """The manifest and the split's shards, checked against the model's size and for images."""
     manifest = read_manifest(shard_dir)
     if manifest["preprocessing"]["size"] != image_size:
         raise ValueError(
@@ -51,32 +70,112 @@ def split_shards(shard_dir: str, split: str, image_size: int) -> tuple[list[str]
         )
     splits = manifest["splits"]
     if split not in splits or not splits[split]["shards"]:
-        available = [name for name, s in splits.items() if s["shards"]]
+        available = [name for name, s in splits.items() if s["count"]]
         raise ValueError(f"{shard_dir} has no '{split}' shards; splits with data: {', '.join(available)}")
-    paths = [str(Path(shard_dir) / s["name"]) for s in splits[split]["shards"]]
-    return paths, splits[split]["count"], manifest["attribute_names"]
+    if splits[split]["count"] == 0:
+        raise ValueError(f"the '{split}' split of {shard_dir} holds no images: its {len(splits[split]['shards'])} "
+                         f"shards count 0 in the manifest (every source image failed to convert?)")
+    return manifest, [_Shard(str(Path(shard_dir) / s["name"]), s["count"]) for s in splits[split]["shards"]]
+
+
+def split_shards(shard_dir: str, split: str, image_size: int) -> tuple[list[str], int, list[str]]:
+    """Shard paths, image count and attribute names of a split, checked against the model's size."""
+    manifest, shards = _split_layout(shard_dir, split, image_size)
+    return [s.path for s in shards], sum(s.count for s in shards), manifest["attribute_names"]
 
 
 class _Counters:
-    """Counts decoded blocks and, as a WebDataset exception handler, skipped shards or samples."""
+    """Damage seen so far: unreadable samples, shards and tar headers (errors), images a read did not deliver (short)."""
 
     def __init__(self) -> None:
         self.errors = 0
-        self.decoded = 0
+        self.short = 0
 
-    def __call__(self, exn: Exception) -> bool:
-        self.errors += 1
-        return True
+
+class _ScanningTarFile(tarfile.TarFile):
+    """A seekable tar that loses only the member whose header is damaged: ignore_zeros scans on
+    past an invalid header, and this also past one that follows a pax or GNU long-name header
+    (tarfile raises ReadError there). `damaged` counts those places and a truncated end."""
+
+    damaged = 0
+
+    def next(self) -> tarfile.TarInfo | None:
+        while True:
+            try:
+                return super().next()
+            except tarfile.ReadError:
+                self.damaged += 1
+                if self.offset + tarfile.BLOCKSIZE >= os.fstat(self.fileobj.fileno()).st_size:
+                    return None
+                self.offset += tarfile.BLOCKSIZE
+
+
+def _tar_samples(path: str, first: int, stop: int, counters: _Counters) -> Iterator[tuple[int, dict]]:
+    """(index, sample) for samples first..stop-1 of a tar, numbered by webdataset's grouping of
+    consecutive members by key. Earlier samples cost a header read each; their data is seeked over."""
+    try:
+        tar = _ScanningTarFile.open(path, "r:", ignore_zeros=True)
+    except (tarfile.TarError, OSError):
+        counters.errors += 1
+        return
+    try:
+        index, sample = -1, {}
+        while (member := tar.next()) is not None:
+            key, field = base_plus_ext(member.name)
+            if not member.isreg() or key is None:
+                continue
+            if key != sample.get("__key__"):
+                if index >= first:
+                    yield index, sample
+                index, sample = index + 1, {"__key__": key}
+                if index >= stop:
+                    return
+            field = field.lower()
+            if index >= first and field in _FIELDS:
+                tar.fileobj.seek(member.offset_data)
+                data = tar.fileobj.read(member.size)
+                if len(data) == member.size:  # else left out: the sample fails to decode and counts
+                    sample[field] = data
+        if index >= first:
+            yield index, sample
+    finally:
+        counters.errors += tar.damaged
+        tar.close()
+
+
+def _read_images(shard: _Shard, per_sample: int, first: int, stop: int, size: int, counters: _Counters) -> Iterator[Block]:
+    """Images first..stop-1 of a shard (manifest numbering: sample k holds images k*per_sample on),
+    in order; undecodable samples are counted and left out."""
+    for index, sample in _tar_samples(shard.path, first // per_sample, -(-stop // per_sample), counters):
+        try:
+            images, attrs = decode_sample(sample, size)
+        except Exception:  # any damage in a sample's bytes
+            counters.errors += 1
+            continue
+        base = index * per_sample
+        lo, hi = max(first - base, 0), min(stop - base, len(images))
+        if lo < hi:
+            yield images[lo:hi], attrs[lo:hi]
 
 
 class ShardStream(IterableDataset):
-    """One epoch of batches for one rank: dicts of images (B,3,H,W uint8), attrs (B,A int8), errors."""
+    """One epoch of batches for one rank: dicts of images (B,3,H,W uint8), attrs (B,A int8) and the
+    damage seen since the previous batch: errors (unreadable samples) and short (images of this
+    slot's range that its shards did not deliver, replaced by images read past the range)."""
 
     def __init__(self, spec: StreamSpec, epoch: int = 0, skip_batches: int = 0) -> None:
         super().__init__()
         self.spec, self.epoch, self.skip_batches = spec, epoch, skip_batches
-        self.shards, self.num_images, self.attribute_names = split_shards(spec.shard_dir, spec.split, spec.image_size)
+        manifest, self.shards = _split_layout(spec.shard_dir, spec.split, spec.image_size)
+        self.per_sample: int = manifest["images_per_sample"]
+        self.attribute_names: list[str] = manifest["attribute_names"]
+        self.num_images = sum(s.count for s in self.shards)
         self.batches = batches_per_epoch(self.num_images, spec.world_size, spec.batch_size)
+        if self.batches == 0:
+            ranks = f"{spec.world_size} rank{'s' if spec.world_size > 1 else ''}"
+            raise ValueError(f"data.batch_size={spec.batch_size} on {ranks} needs at least "
+                             f"{spec.batch_size * spec.world_size} images per epoch; the '{spec.split}' split of "
+                             f"{spec.shard_dir} has {self.num_images}")
 
     def __len__(self) -> int:
         return self.batches
@@ -88,54 +187,61 @@ class ShardStream(IterableDataset):
         # batches w, w + W, ... of the epoch; after skipping k batches, loader worker 0 must
         # play logical worker k mod W for the order to continue exactly.
         worker = ((info.id if info else 0) + self.skip_batches) % num_workers
-        spec = self.spec
-        slot, slots = spec.rank * num_workers + worker, spec.world_size * num_workers
-        rng = random.Random(f"{spec.seed}/{self.epoch}/{slot}")
-        order = list(self.shards)
-        random.Random(f"{spec.seed}/{self.epoch}").shuffle(order)  # same on every rank
-        mine = order[slot::slots] or [order[slot % len(order)]]
-        quota = self.batches // num_workers + (worker < self.batches % num_workers)
+        spec, batches = self.spec, self.batches
+        quota = batches // num_workers + (worker < batches % num_workers)
         skip = max(0, -(-(self.skip_batches - worker) // num_workers))  # ceil((k - w) / W)
+        # Ranges lie end to end: rank by rank, and within a rank logical worker by worker.
+        before = spec.rank * batches + worker * (batches // num_workers) + min(worker, batches % num_workers)
+        order = list(self.shards)
+        epoch_rng = random.Random(f"{spec.seed}/{self.epoch}")  # the same on every rank
+        epoch_rng.shuffle(order)
+        start = epoch_rng.randrange(self.num_images) + before * spec.batch_size
         counters = _Counters()
+        slot = spec.rank * num_workers + worker
+        rng = np.random.default_rng(random.Random(f"{spec.seed}/{self.epoch}/{slot}").getrandbits(64))
+        blocks = self._range(order, start, quota * spec.batch_size, counters)
+        errors = short = 0
+        for index, (images, attrs) in enumerate(_pooled_batches(blocks, spec, rng)):
+            if index >= skip:
+                yield {
+                    "images": torch.from_numpy(images).permute(0, 3, 1, 2),  # channels_last memory
+                    "attrs": torch.from_numpy(attrs),
+                    "errors": counters.errors - errors,
+                    "short": counters.short - short,
+                }
+            errors, short = counters.errors, counters.short  # a resumed run reported skipped batches' damage
 
-        def decode(sample: dict) -> tuple[np.ndarray, np.ndarray]:
-            decoded = decode_sample(sample, spec.image_size)
-            counters.decoded += 1
-            return decoded
-
-        pipeline = wds.DataPipeline(
-            lambda: _cycle(mine, rng, counters),
-            wds.tarfile_to_samples(handler=counters),
-            wds.shuffle(bufsize=max(1, spec.shuffle_pool // 64), initial=1, rng=rng),
-            wds.map(decode, handler=counters),
-        )
-        batches = _pooled_batches(pipeline, spec, np.random.default_rng(rng.getrandbits(64)))
-        reported = 0
-        for index, (images, attrs) in enumerate(batches):
-            if index >= quota:
-                return
-            if index < skip:
-                continue
-            yield {
-                "images": torch.from_numpy(images).permute(0, 3, 1, 2),  # channels_last memory
-                "attrs": torch.from_numpy(attrs),
-                "errors": counters.errors - reported,
-            }
-            reported = counters.errors
-
-
-def _cycle(urls: list[str], rng: random.Random, counters: _Counters) -> Iterator[dict]:
-    """Endless shard stream in a fresh order each pass; fails if a whole pass decoded nothing."""
-    passes = 0
-    while True:
-        order = list(urls)
-        rng.shuffle(order)
-        for url in order:
-            yield {"url": url}
-        passes += 1
-        # The shuffle buffer may still hold a first pass's only block, so judge after two.
-        if passes >= 2 and counters.decoded == 0 and counters.errors:
-            raise RuntimeError(f"no readable sample in these shards ({counters.errors} errors): {', '.join(order)}")
+    def _range(self, order: list[_Shard], start: int, length: int, counters: _Counters) -> Iterator[Block]:
+        """`length` images from position `start` of the virtual sequence `order` on, cyclically. What
+        a damaged shard does not deliver is made up from the positions after the range."""
+        ends = list(itertools.accumulate(s.count for s in order))
+        delivered, barren, warned = 0, 0, set()  # barren: positions read since the last image delivered
+        position = start
+        while delivered < length:
+            if barren >= self.num_images:
+                raise RuntimeError(f"no readable sample in the '{self.spec.split}' split of {self.spec.shard_dir} "
+                                   f"({counters.errors} errors in {len(order)} shards)")
+            at = position % self.num_images
+            i = bisect.bisect_right(ends, at)
+            shard = order[i]
+            first = at - (ends[i] - shard.count)
+            stop = min(shard.count, first + length - delivered)
+            got = 0
+            for block in _read_images(shard, self.per_sample, first, stop, self.spec.image_size, counters):
+                got += len(block[0])
+                yield block
+            delivered += got
+            barren = 0 if got else barren + stop - first
+            position += stop - first
+            if got < stop - first:
+                counters.short += stop - first - got
+                if shard.path not in warned:
+                    warned.add(shard.path)
+                    line = (f"gendist: warning: {shard.path} yielded {got} of the {stop - first} images the manifest "
+                            f"lists at {first}..{stop - 1} (of {shard.count}); reading on past this slot's range "
+                            f"(rank {self.spec.rank}, epoch {self.epoch})\n")
+                    sys.stderr.write(line)  # in one write: the workers share stderr
+                    sys.stderr.flush()
 
 
 def decode_sample(sample: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,17 +258,21 @@ def decode_sample(sample: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
     return images, attrs
 
 
-def _pooled_batches(blocks, spec: StreamSpec, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Mix `shuffle_pool` images from several blocks, then cut them into batches."""
+def _pooled_batches(blocks: Iterable[Block], spec: StreamSpec, rng: np.random.Generator) -> Iterator[Block]:
+    """Mix `shuffle_pool` images from consecutive blocks, then cut them into batches; at the end,
+    the pool's last full batches."""
     images: list[np.ndarray] = []
     attrs: list[np.ndarray] = []
     held = 0
-    for block_images, block_attrs in blocks:
-        images.append(block_images)
-        attrs.append(block_attrs)
-        held += len(block_images)
-        if held < max(spec.shuffle_pool, spec.batch_size):
-            continue
+    for block in itertools.chain(blocks, [None]):
+        if block is not None:
+            images.append(block[0])
+            attrs.append(block[1])
+            held += len(block[0])
+            if held < max(spec.shuffle_pool, spec.batch_size):
+                continue
+        if not held:
+            return
         all_images, all_attrs = np.concatenate(images), np.concatenate(attrs)
         order = rng.permutation(held)
         usable = held - held % spec.batch_size
@@ -180,22 +290,21 @@ def _pooled_batches(blocks, spec: StreamSpec, rng: np.random.Generator) -> Itera
 def read_in_order(shard_dir: str, split: str, image_size: int, limit: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     """The first `limit` images (0 = all) of a split in manifest order, no shuffle or flip:
     (images N,H,W,3 uint8, attrs N,A int8, unreadable samples skipped). The evaluation reference."""
-    paths, _, _ = split_shards(shard_dir, split, image_size)
+    manifest, shards = _split_layout(shard_dir, split, image_size)
     counters = _Counters()
-    pipeline = wds.DataPipeline(wds.SimpleShardList(paths), wds.tarfile_to_samples(handler=counters),
-                                wds.map(lambda sample: decode_sample(sample, image_size), handler=counters))
-    blocks: list[tuple[np.ndarray, np.ndarray]] = []
+    blocks: list[Block] = []
     held = 0
-    for block in pipeline:
-        blocks.append(block)
-        held += len(block[0])
+    for shard in shards:
         if limit and held >= limit:
             break
+        stop = min(shard.count, limit - held) if limit else shard.count
+        for block in _read_images(shard, manifest["images_per_sample"], 0, stop, image_size, counters):
+            blocks.append(block)
+            held += len(block[0])
     if not blocks:
         raise RuntimeError(f"no readable image in the '{split}' shards of {shard_dir} ({counters.errors} errors)")
     images, attrs = (np.concatenate(parts) for parts in zip(*blocks))
-    count = min(held, limit) if limit else held
-    return images[:count], attrs[:count], counters.errors
+    return images, attrs, counters.errors
 
 
 def make_loader(spec: StreamSpec, num_workers: int, epoch: int = 0, skip_batches: int = 0,

@@ -19,8 +19,8 @@ from gendist import dist, engines
 from gendist.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
                                 save_checkpoint, set_rng_state)
 from gendist.config import ConfigError, OptimConfig, RunConfig, differences, to_dict, to_yaml
-from gendist.data.loader import StreamSpec, batches_per_epoch, make_loader
-from gendist.data.shards import MANIFEST, Preprocess, read_manifest, write_shards
+from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, make_loader
+from gendist.data.shards import MANIFEST, Preprocess, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
 from gendist.eval.evaluator import EVAL_LOG, Evaluator, Generate, Reconstruct, append_row
 from gendist.reporting import Reporter, drop_rows_after
@@ -142,19 +142,22 @@ class Session:
         self.engine_config = engines.engine_config(deepspeed, cfg, accelerator.num_processes) if deepspeed else None
         self.device = accelerator.device
         self.run_dir = Path(cfg.train.run_dir)
-        refusal = record_config(cfg, self.run_dir) if accelerator.is_main_process else None
-        refusal = dist.broadcast_from_main(accelerator, refusal)
-        if refusal:
-            raise ConfigError(refusal)
         shard_dir = resolve_shards(cfg, accelerator)
         self.spec = StreamSpec(
             shard_dir=shard_dir, split=cfg.data.split, batch_size=cfg.data.batch_size, image_size=cfg.model.image_size,
             rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
             shuffle_pool=cfg.data.shuffle_pool, hflip=cfg.data.hflip,
         )
-        manifest = read_manifest(shard_dir)
-        self.attribute_names: list[str] = manifest["attribute_names"]
-        self._split_images: int = manifest["splits"].get(cfg.data.split, {}).get("count", 0)
+        try:  # the split, the image size and the batch against the split's size: said now, as config errors
+            stream = ShardStream(self.spec)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.attribute_names: list[str] = stream.attribute_names
+        self._split_images = stream.num_images
+        refusal = record_config(cfg, self.run_dir) if accelerator.is_main_process else None
+        refusal = dist.broadcast_from_main(accelerator, refusal)
+        if refusal:
+            raise ConfigError(refusal)
         self.state = TrainState()
         self.checkpointed: dict[str, Any] = {}
         self.modules: list[nn.Module] = []
@@ -162,7 +165,8 @@ class Session:
         self._batches = self._stream()
         self._window: list[torch.Tensor] = []  # per step: the loop's values, stacked in the order of _names
         self._names: list[str] = []
-        self._data_errors = 0
+        self._data_damage = [0, 0]  # this window's unreadable samples and images short of the manifest
+        self._epochs_read: list[tuple[int, int, int, int, int]] = []  # (epoch, from batch, to batch, errors, short)
         self._window_start, self._window_images_start = time.perf_counter(), 0
         self.reporter: Reporter | None = None
         self.evaluator = Evaluator(cfg, accelerator, shard_dir)
@@ -295,12 +299,17 @@ class Session:
         while True:
             loader = make_loader(self.spec, self.cfg.data.num_workers, self.state.epoch, self.state.batch_in_epoch,
                                  self.worker_signals)
+            first_batch, damage = self.state.batch_in_epoch, [0, 0]
             for batch in loader:
                 self.state.batch_in_epoch += 1
                 self.state.images_seen += self.spec.batch_size * self.accelerator.num_processes
-                self._data_errors += batch["errors"]
+                self._data_damage[0] += batch["errors"]
+                self._data_damage[1] += batch["short"]
+                damage[0] += batch["errors"]
+                damage[1] += batch["short"]
                 images = batch["images"].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
                 yield {**batch, "images": images, "attrs": batch["attrs"].to(self.device, non_blocking=True)}
+            self._epochs_read.append((self.state.epoch, first_batch, self.state.batch_in_epoch, *damage))
             self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
 
     def next_batch(self) -> dict:
@@ -402,16 +411,34 @@ class Session:
     def _log(self) -> None:
         window = torch.stack(self._window)
         means = dist.mean_across_ranks(self.accelerator, dict(zip(self._names, window.mean(dim=0))))
-        errors = self.accelerator.reduce(torch.tensor(float(self._data_errors), device=self.device), reduction="sum")
+        errors, short = dist.sum_across_ranks(self.accelerator, torch.tensor(self._data_damage)).long().tolist()
         seconds = time.perf_counter() - self._window_start
         self.state.train_seconds += seconds
         images = self.state.images_seen - self._window_images_start
-        self.reporter.log(self.state.step, {**means, "images_per_s": images / seconds, "data_errors": int(errors.item()),
-                                            "epoch": self.state.epoch, "images_seen": self.state.images_seen})
+        self.reporter.log(self.state.step, {**means, "images_per_s": images / seconds, "data_errors": errors,
+                                            "data_short": short, "epoch": self.state.epoch,
+                                            "images_seen": self.state.images_seen})
+        if short:
+            self.reporter.message(f"warning: the shards delivered {short} images fewer than the manifest lists in this "
+                                  f"window (damaged shards? `gendist shards verify {self.spec.shard_dir}`)")
+        self._report_epochs()
         if not all(math.isfinite(value) for value in means.values()):  # the same on every rank
             self._diverged()
-        self._window, self._data_errors = [], 0
+        self._window, self._data_damage = [], [0, 0]
         self._window_start, self._window_images_start = time.perf_counter(), self.state.images_seen
+
+    def _report_epochs(self) -> None:
+        """Collective: one line per epoch finished since the last log, its images read against the manifest."""
+        for epoch, first, last, errors, short in self._epochs_read:
+            errors, short = dist.sum_across_ranks(self.accelerator, torch.tensor([errors, short])).long().tolist()
+            world, batch = self.accelerator.num_processes, self.spec.batch_size
+            read = (last - first) * batch * world - short
+            resumed = f" (resumed at batch {first}: batches {first}-{last} counted)" if first else ""
+            self.reporter.message(f"epoch {epoch}: read {read} of the {self._split_images} images the manifest lists"
+                                  f"{resumed}; {short} short of the manifest, {errors} unreadable samples skipped, "
+                                  f"{self._split_images - last * batch * world} left over (the remainder, which "
+                                  "rotates between epochs)")
+        self._epochs_read = []
 
     def save(self) -> None:
         for module in self.modules:
