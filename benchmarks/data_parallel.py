@@ -32,7 +32,7 @@ def worker(out: Path, profiled: int, overrides: list[str]) -> None:
     from gendist import dist
     from gendist.config import load_config
     from gendist.training import common
-    from gendist.training.gan import train_gan
+    from gendist.training.loop import train
 
     cfg = load_config(REPO / "configs" / "dcgan_celeba64.yaml", overrides)
     last_unprofiled = cfg.train.steps - profiled
@@ -47,7 +47,7 @@ def worker(out: Path, profiled: int, overrides: list[str]) -> None:
             profiler.stop()
 
     common.Session.step_done = profiled_step_done
-    train_gan(cfg)
+    train(cfg)
     reduce_us = sum(e.cpu_time_total + getattr(e, "device_time_total", 0) for e in profiler.key_averages()
                     if "all_reduce" in e.key and ":" in e.key)  # gloo:all_reduce / nccl:all_reduce
     rows = [json.loads(line) for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -4,7 +4,7 @@ networks, batch, optimizer, EMA and precision, in one process and one invocation
     .venv/bin/python benchmarks/loop_overhead.py                 # DCGAN-64 and WGAN-GP-64, CPU fp32
     .venv/bin/python benchmarks/loop_overhead.py --precision bf16 --batch 128   # on a GPU
 
-gendist runs `train_gan` on the family's preset (configs/*_celeba64.yaml) over the embedded
+gendist runs its one training loop (`train`) on the family's preset (configs/*_celeba64.yaml) over the embedded
 synthetic faces: its loader (one worker), metrics, progress lines, and one sample grid and one
 checkpoint inside the measured steps (the presets write them every 500 and 1000 steps, so this
 overstates their share). The baseline loops over batches read into memory beforehand (no loader
@@ -31,7 +31,8 @@ from gendist.config import load_config
 from gendist.data.loader import ShardStream
 from gendist.dist import seed_everything
 from gendist.training.common import resolve_shards
-from gendist.training.gan import build_networks, train_gan
+from gendist.families.gan import build_networks
+from gendist.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"dcgan": "dcgan_celeba64", "wgan_gp": "wgan_gp_celeba64"}
@@ -48,7 +49,7 @@ def family_config(family: str, args: argparse.Namespace, run_dir: Path, log_ever
 
 def gendist_rate(cfg) -> float:
     """Real images/s over every logging window but the first, from the run's metrics.jsonl."""
-    train_gan(cfg)
+    train(cfg)
     rows = [json.loads(line) for line in (Path(cfg.train.run_dir) / "metrics.jsonl").read_text().splitlines()]
     windows = [(b["images_seen"] - a["images_seen"], b["images_per_s"]) for a, b in zip(rows, rows[1:])]
     return sum(n for n, _ in windows) / sum(n / rate for n, rate in windows)

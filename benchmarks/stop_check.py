@@ -17,7 +17,7 @@ import torch.distributed as torch_dist
 
 from gendist import dist
 from gendist.config import load_config
-from gendist.training.gan import build_networks
+from gendist.families.gan import build_networks
 
 
 def timed(fn, repeats: int) -> float:

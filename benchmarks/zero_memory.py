@@ -50,7 +50,7 @@ def worker(out: Path, overrides: list[str]) -> None:
     from gendist import dist
     from gendist.config import load_config
     from gendist.training import common
-    from gendist.training.gan import train_gan
+    from gendist.training.loop import train
 
     on_gpu = torch.cuda.is_available()
     step_done = common.Session.step_done
@@ -72,9 +72,9 @@ def worker(out: Path, overrides: list[str]) -> None:
 
     common.Session.step_done, common.Session.save = measured_step_done, measured_save
     before = rss_bytes("VmRSS")
-    result = train_gan(load_config(None, overrides))
+    result = train(load_config(None, overrides))
     peaks["with_save"] = peak()
-    params = sum(p.numel() for net in (result.generator, result.discriminator) for p in net.parameters())
+    params = sum(p.numel() for net in (result["generator"], result["discriminator"]) for p in net.parameters())
     kind = ("cuda max_memory_allocated" if on_gpu else "peak RSS less the RSS before the networks were built")
     rank = torch_dist.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, **peaks, "kind": kind, "params": params}))

@@ -38,7 +38,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["dcgan", "wgan", "wgan_gp", "cgan", "vae"] = "dcgan"
+    name: str = "dcgan"  # a family of gendist.families (gan, dcgan, cgan, wgan, wgan_gp, vae)
     image_size: int = 64
     z_dim: int = 100  # latent size (the VAE's too)
     ngf: int = 64  # generator/decoder width: 8*ngf channels at 4x4
@@ -160,7 +160,11 @@ class RunConfig:
         if ev.num_samples < 2 or ev.batch_size < 1 or ev.kid_subsets < 1 or ev.kid_subset_size < 2:
             raise ConfigError("eval.num_samples and eval.kid_subset_size must be >= 2, eval.batch_size and "
                               "eval.kid_subsets >= 1")
+        from gendist.families import DECLARATIONS  # the registry imports this module
+
         name = self.model.name
+        if name not in DECLARATIONS:
+            raise ConfigError(f"'model.name' must be one of {', '.join(DECLARATIONS)}; got {name!r}")
         if name == "wgan_gp" and self.model.d_norm == "batch":
             raise ConfigError("wgan_gp: batch norm mixes samples, so the per-sample gradient penalty is wrong with it; "
                               "set model.d_norm=layer (or instance, none)")

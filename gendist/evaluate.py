@@ -13,15 +13,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from gendist import dist
+from gendist import dist, families
 from gendist.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from gendist.config import ConfigError, load_config, parse_args_with_overrides
 from gendist.data.shards import read_manifest
 from gendist.eval.evaluator import Evaluator, append_row
 from gendist.eval.inception import InceptionWeightsError
+from gendist.families.base import FamilyInputs, sampling_from_checkpoint
 from gendist.training.common import resolve_shards
-from gendist.training.gan import generator_from_checkpoint
-from gendist.training.vae import vae_from_checkpoint
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,13 +46,11 @@ def evaluate_run(args: argparse.Namespace) -> int:
     accelerator = dist.build_accelerator("no")
     shard_dir = resolve_shards(cfg, accelerator)
     shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
-    if cfg.model.name == "vae":
-        generate, label, reconstruct = vae_from_checkpoint(cfg, shared, accelerator.device)
-    else:
-        names = read_manifest(shard_dir)["attribute_names"]
-        generate, label, reconstruct = generator_from_checkpoint(cfg, shared, names, accelerator.device)
+    family = families.declare(FamilyInputs(cfg, read_manifest(shard_dir)["attribute_names"]))
+    sampling = sampling_from_checkpoint(family, shared, accelerator.device)
     state = shared["train_state"]
-    row = Evaluator(cfg, accelerator, shard_dir).evaluate(generate, state["step"], label, reconstruct)
+    row = Evaluator(cfg, accelerator, shard_dir).evaluate(sampling.generate, state["step"], sampling.label,
+                                                          sampling.reconstruct)
     row.update(images_seen=state["images_seen"], source="gendist eval", checkpoint=str(checkpoint))
     if accelerator.is_main_process:
         append_row(run_dir, row)

@@ -14,12 +14,12 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from PIL import Image
 
+from gendist import families
 from gendist.checkpoint import latest_checkpoint, safe_load
 from gendist.config import RunConfig, load_config
 from gendist.eval.evaluator import read_rows
 from gendist.reporting import read_jsonl
-from gendist.training.gan import build_networks
-from gendist.training.vae import build_vae
+from gendist.families.base import FamilyInputs
 
 LOSS_KEYS = ("loss_d", "loss_g", "wasserstein", "gradient_penalty", "loss", "recon", "kl")
 
@@ -61,10 +61,10 @@ def load_run(path: Path, name: str) -> RunSummary:
 
 
 def parameter_counts(cfg: RunConfig) -> str:
-    if cfg.model.name == "vae":
-        return f"{sum(p.numel() for p in build_vae(cfg).parameters()) / 1e6:.2f}M"
-    generator, critic = build_networks(cfg, len(cfg.model.attributes) if cfg.model.name == "cgan" else 0)
-    return f"G {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M / D {sum(p.numel() for p in critic.parameters()) / 1e6:.2f}M"
+    """Parameters per network, e.g. `generator 3.58M / discriminator 2.77M`."""
+    family = families.declare(FamilyInputs(cfg, list(cfg.model.attributes)))
+    return " / ".join(f"{network.name} {sum(p.numel() for p in network.module.parameters()) / 1e6:.2f}M"
+                      for network in family.networks)
 
 
 def _minutes(seconds: float) -> str:

@@ -14,10 +14,7 @@ from gendist.checkpoint import CheckpointError
 from gendist.config import ConfigError, load_config, parse_args_with_overrides, to_yaml
 from gendist.eval.inception import InceptionWeightsError
 from gendist.training.common import Diverged
-from gendist.training.gan import GAN_FAMILIES, train_gan
-from gendist.training.vae import train_vae
-
-TRAINERS = {**{name: train_gan for name in GAN_FAMILIES}, "vae": train_vae}
+from gendist.training.loop import train as train_family
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     def train() -> int:
-        TRAINERS[cfg.model.name](cfg)
+        train_family(cfg)
         return 0
 
     # Said in one line: refusals at set-up (ConfigError), missing FID weights with eval.every > 0

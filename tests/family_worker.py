@@ -7,11 +7,11 @@ import torch.distributed as torch_dist
 
 from gendist import dist
 from gendist.config import load_config
-from gendist.training.gan import train_gan
-from gendist.training.vae import train_vae
+from gendist.training.loop import train
 
 out_dir, names, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
 families = {
+    "gan": ["model.name=gan"],
     "dcgan": [],
     "wgan": ["model.name=wgan", "loss.n_critic=2", "optim.name=rmsprop", "loss.clip_value=0.01"],
     "wgan_gp": ["model.name=wgan_gp", "model.d_norm=layer", "loss.n_critic=2", "optim.betas=[0.0, 0.9]"],
@@ -23,12 +23,7 @@ for family, extra in families.items():
     if names != "all" and family not in names.split(","):
         continue
     cfg = load_config(None, [*overrides, *extra, f"train.run_dir={out_dir}/{family}"])
-    if family == "vae":
-        weights = {"vae": train_vae(cfg).model.state_dict()}
-    else:
-        result = train_gan(cfg)
-        weights = {"generator": result.generator.state_dict(), "discriminator": result.discriminator.state_dict(),
-                   "generator_ema": result.generator_ema.state_dict()}
+    weights = {name: network.state_dict() for name, network in train(cfg).networks.items()}
     rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
     world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
     torch.save({"world_size": world, **weights}, f"{out_dir}/{family}-rank{rank}.pt")

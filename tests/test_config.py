@@ -88,3 +88,8 @@ def test_shipped_configs_load():
 def test_impossible_numbers_are_config_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_an_unknown_family_lists_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"'model.name' must be one of gan, dcgan, cgan, wgan, wgan_gp, vae; got 'stylegan'"):
+        load_config(None, ["model.name=stylegan"])

@@ -12,7 +12,7 @@ from gendist.cli import main as cli_main
 from gendist.config import ConfigError, load_config
 from gendist.engines import engine_config
 from gendist.eval.evaluator import read_rows
-from gendist.training.gan import train_gan
+from gendist.training.loop import train
 
 pytest.importorskip("deepspeed")
 WORKER = str(REPO / "tests" / "family_worker.py")
@@ -66,7 +66,7 @@ def test_a_zero2_checkpoint_is_plain_for_evaluation_and_refused_by_the_plain_bac
     assert plain["step"] == during_training["step"] == 2
     assert plain["fid"] == pytest.approx(during_training["fid"], rel=1e-5)
     with pytest.raises(ConfigError, match="deepspeed-zero2 backend"):
-        train_gan(load_config(None, [*tiny_overrides, "train.steps=4", f"train.run_dir={run}"]))
+        train(load_config(None, [*tiny_overrides, "train.steps=4", f"train.run_dir={run}"]))
 
 
 ZERO2 = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1}

@@ -20,8 +20,7 @@ from gendist.eval import inception as fid_inception
 from gendist.eval.evaluator import Evaluator, read_rows
 from gendist.eval.inception import FidInception, InceptionWeightsError
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance
-from gendist.training.gan import train_gan
-from gendist.training.vae import train_vae
+from gendist.training.loop import train
 
 
 
@@ -153,7 +152,7 @@ def eval_rows_of(run: Path) -> list[dict]:
 @pytest.mark.slow
 def test_fid_on_2_processes_equals_fid_in_1_and_the_training_eval(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    train_gan(load_config(None, [*tiny_overrides, *RANDOM_EVAL, "train.steps=3", "eval.every=3",
+    train(load_config(None, [*tiny_overrides, *RANDOM_EVAL, "train.steps=3", "eval.every=3",
                                  f"eval.stats_dir={tmp_path / 'stats-train'}"]))
     during_training = read_rows(run)[-1]
     assert cli_main(["eval", str(run), f"eval.stats_dir={tmp_path / 'stats-1'}"]) == 0
@@ -171,7 +170,7 @@ def test_fid_on_2_processes_equals_fid_in_1_and_the_training_eval(tiny_overrides
 
 def test_vae_eval_reports_held_out_reconstruction_error(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    train_vae(load_config(None, [*tiny_overrides, *RANDOM_EVAL, "model.name=vae", "train.steps=2", "eval.every=2",
+    train(load_config(None, [*tiny_overrides, *RANDOM_EVAL, "model.name=vae", "train.steps=2", "eval.every=2",
                                  f"eval.stats_dir={tmp_path / 'stats'}"]))
     row = read_rows(run)[-1]
     assert row["recon_split"] == "val" and row["recon_images"] == 16
@@ -184,10 +183,9 @@ def test_compare_reports_table_and_figures_for_real_runs(tiny_overrides, tmp_pat
     runs = {}
     for name, extra in {"dcgan": [], "cgan": ["model.attributes=[Male,Smiling]"], "vae": []}.items():
         runs[name] = tmp_path / name
-        trainer = train_vae if name == "vae" else train_gan
-        trainer(load_config(None, [*tiny_overrides, *RANDOM_EVAL, f"model.name={name}", *extra, "train.steps=4",
-                                   "eval.every=2", "train.sample_every=2", "train.checkpoint_every=4",
-                                   f"eval.stats_dir={tmp_path / 'stats'}", f"train.run_dir={runs[name]}"]))
+        train(load_config(None, [*tiny_overrides, *RANDOM_EVAL, f"model.name={name}", *extra, "train.steps=4",
+                                 "eval.every=2", "train.sample_every=2", "train.checkpoint_every=4",
+                                 f"eval.stats_dir={tmp_path / 'stats'}", f"train.run_dir={runs[name]}"]))
     out = tmp_path / "report"
     assert cli_main(["compare", *map(str, runs.values()), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()

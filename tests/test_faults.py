@@ -13,7 +13,7 @@ from conftest import REPO, assert_same_run, launch
 from gendist.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from gendist.config import ConfigError, load_config
 from gendist.training.common import Diverged, stack_values
-from gendist.training.gan import train_gan
+from gendist.training.loop import train
 
 
 def strict_rows(path):
@@ -47,11 +47,11 @@ def test_a_loader_worker_error_ends_a_one_process_run_promptly(tiny_overrides, t
 def test_divergence_stops_with_the_step_and_loss_and_keeps_the_finite_checkpoint(tiny_overrides, tmp_path):
     wgan_gp = [*tiny_overrides, "model.name=wgan_gp", "model.d_norm=layer", "train.log_every=3",
                "train.keep_checkpoints=1"]
-    train_gan(load_config(None, [*wgan_gp, "train.steps=4", "train.checkpoint_every=2"]))
+    train(load_config(None, [*wgan_gp, "train.steps=4", "train.checkpoint_every=2"]))
     run = tmp_path / "run"
     # a relaunch at a huge learning rate (what a bad sweep value does), checkpointing every step
     with pytest.raises(Diverged, match=r"not finite at step \d+; stopped without checkpointing it") as err:
-        train_gan(load_config(None, [*wgan_gp, "train.steps=40", "train.checkpoint_every=1", "optim.lr_g=1e6",
+        train(load_config(None, [*wgan_gp, "train.steps=40", "train.checkpoint_every=1", "optim.lr_g=1e6",
                                      "optim.lr_d=1e6"]))
     assert any(name in str(err.value) for name in ("loss_d", "loss_g", "wasserstein", "gradient_penalty", "weights"))
     for checkpoint in list_checkpoints(run):  # keep_checkpoints=1: a non-finite save would have pruned step 4
@@ -64,15 +64,15 @@ def test_divergence_stops_with_the_step_and_loss_and_keeps_the_finite_checkpoint
 
 def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tiny_overrides, tmp_path, capsys):
     common = [*tiny_overrides, "train.checkpoint_every=2", "train.keep_checkpoints=5"]
-    straight = train_gan(load_config(None, [*common, "train.steps=6", f"train.run_dir={tmp_path / 'straight'}"]))
-    train_gan(load_config(None, [*common, "train.steps=4"]))
+    straight = train(load_config(None, [*common, "train.steps=6", f"train.run_dir={tmp_path / 'straight'}"]))
+    train(load_config(None, [*common, "train.steps=4"]))
     latest = list_checkpoints(tmp_path / "run")[-1]
     (latest / "state.pt").write_bytes((latest / "state.pt").read_bytes()[:1000])  # a torn write on a bad disk
-    resumed = train_gan(load_config(None, [*common, "train.steps=6"]))
+    resumed = train(load_config(None, [*common, "train.steps=6"]))
     out = capsys.readouterr().out
     assert f"{latest / 'state.pt'} cannot be read" in out and "trying the checkpoint before it" in out
     assert "at step 2" in out
-    assert_same_run(straight.generator.state_dict(), resumed.generator.state_dict())
+    assert_same_run(straight["generator"].state_dict(), resumed["generator"].state_dict())
 
 
 def test_a_checkpoint_with_foreign_pickles_is_refused_naming_the_file(tmp_path):
@@ -95,14 +95,14 @@ def test_saves_remove_partial_and_emptied_checkpoint_folders(tiny_overrides, tmp
     (root / ".step_0000009.partial").mkdir(parents=True)  # a save killed midway
     (root / "step_0000003").mkdir()  # a folder emptied by an interrupted deletion
     (root / ".step_0000001.deleting").mkdir()
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=2"]))
+    train(load_config(None, [*tiny_overrides, "train.steps=2"]))
     assert sorted(p.name for p in root.iterdir()) == ["step_0000002"]
 
 
 def test_resuming_under_another_layout_is_said_and_continues(tiny_overrides, tmp_path, capsys):
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"]))
+    train(load_config(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"]))
     capsys.readouterr()
-    result = train_gan(load_config(None, [*tiny_overrides, "train.steps=6", "data.num_workers=0",
+    result = train(load_config(None, [*tiny_overrides, "train.steps=6", "data.num_workers=0",
                                           "data.batch_size=4"]))
     out = capsys.readouterr().out
     assert "warning: resuming" in out and "num_workers 1 -> 0" in out and "batch_size 8 -> 4" in out
@@ -115,22 +115,22 @@ def test_resuming_under_another_layout_is_said_and_continues(tiny_overrides, tmp
 def test_a_relaunch_with_other_settings_keeps_the_old_config_and_refuses_other_networks(tiny_overrides, tmp_path,
                                                                                        capsys):
     run = tmp_path / "run"
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=2"]))
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=3", "optim.lr_g=1e-4"]))
+    train(load_config(None, [*tiny_overrides, "train.steps=2"]))
+    train(load_config(None, [*tiny_overrides, "train.steps=3", "optim.lr_g=1e-4"]))
     out = capsys.readouterr().out
     assert "config changed since this run's last launch: optim.lr_g 0.0002 -> 0.0001" in out
     assert "train.steps 2 -> 3" in out
     assert load_config(run / "config.until_step_0000002.yaml").optim.lr_g == 2e-4
     assert load_config(run / "config.yaml").optim.lr_g == 1e-4
     with pytest.raises(ConfigError, match=r"model.ngf 8 -> 16.*use a new train.run_dir"):
-        train_gan(load_config(None, [*tiny_overrides, "train.steps=4", "model.ngf=16"]))
+        train(load_config(None, [*tiny_overrides, "train.steps=4", "model.ngf=16"]))
     assert load_config(run / "config.yaml").model.ngf == 8
 
 
 def test_a_resumed_run_logs_each_step_once(tiny_overrides, tmp_path):
     run = tmp_path / "run"
     common = [*tiny_overrides, "train.log_every=1", "train.checkpoint_every=2"]
-    train_gan(load_config(None, [*common, "train.steps=3"]))
+    train(load_config(None, [*common, "train.steps=3"]))
     (run / "eval.jsonl").write_text(json.dumps({"step": 3, "source": "training"}) + "\n"
                                     + json.dumps({"step": 3, "source": "gendist eval"}) + "\n")
     # the run was killed after logging step 3: its checkpoints are steps 2 and 3; drop step 3's
@@ -139,7 +139,7 @@ def test_a_resumed_run_logs_each_step_once(tiny_overrides, tmp_path):
     for path in checkpoints[-1].iterdir():
         path.unlink()
     checkpoints[-1].rmdir()
-    train_gan(load_config(None, [*common, "train.steps=5"]))
+    train(load_config(None, [*common, "train.steps=5"]))
     assert [row["step"] for row in strict_rows(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
     assert [row["source"] for row in strict_rows(run / "eval.jsonl")] == ["gendist eval"]
 
@@ -156,7 +156,7 @@ def test_step_values_from_any_device_land_on_the_sessions_device():
 
 def test_each_epoch_reports_images_read_against_the_manifest_and_damage_is_warned(tiny_overrides, synthetic_shards,
                                                                                     tmp_path, capsys):
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=30"]))
+    train(load_config(None, [*tiny_overrides, "train.steps=30"]))
     out = capsys.readouterr().out
     # 231 train images, 28 batches of 8 per epoch: 224 read once, 7 left over
     assert ("epoch 0: read 224 of the 231 images the manifest lists; 0 short of the manifest, 0 unreadable "
@@ -166,7 +166,7 @@ def test_each_epoch_reports_images_read_against_the_manifest_and_damage_is_warne
     manifest = json.loads((damaged / "manifest.json").read_text())
     victim = damaged / manifest["splits"]["train"]["shards"][0]["name"]
     victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])  # a copy cut short
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=30", f"data.shards={damaged}",
+    train(load_config(None, [*tiny_overrides, "train.steps=30", f"data.shards={damaged}",
                                  f"train.run_dir={tmp_path / 'damaged_run'}"]))
     out = capsys.readouterr().out
     assert "warning: the shards delivered" in out and "gendist shards verify" in out

@@ -84,7 +84,7 @@ def test_shapes_at_32_and_64(norm):
 
 def test_unknown_cgan_attribute_names_the_available_ones():
     from gendist.config import ConfigError
-    from gendist.training.common import attribute_columns
+    from gendist.families.gan import attribute_columns
 
     assert attribute_columns(["Smiling", "Male"], ["Male", "Smiling", "Eyeglasses"]) == [1, 0]
     with pytest.raises(ConfigError, match="'Smilling'.*it has: Male, Smiling"):
@@ -95,8 +95,8 @@ def test_unknown_cgan_attribute_names_the_available_ones():
 def test_networks_are_built_in_the_configured_memory_format_with_fused_adam(channels_last):
     from gendist.config import load_config
     from gendist.training.common import build_optimizer
-    from gendist.training.gan import build_networks
-    from gendist.training.vae import build_vae
+    from gendist.families.gan import build_networks
+    from gendist.families.vae import build_vae
 
     cfg = load_config(None, [f"train.channels_last={channels_last}"])
     vae_cfg = load_config(None, ["model.name=vae", f"train.channels_last={channels_last}"])

@@ -15,7 +15,7 @@ import torch
 from conftest import BIN, REPO, TINY, assert_same_run, assert_same_weights, free_port
 from gendist.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gendist.config import ConfigError, load_config
-from gendist.training.gan import train_gan
+from gendist.training.loop import train
 
 STEPS = 60
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
@@ -170,11 +170,11 @@ def test_a_run_that_fails_before_its_loop_leaves_the_signal_handlers_as_they_wer
     checkpoint of another backend) must not leave later children of this process (a
     multiprocessing pool's workers, say) unable to die on SIGTERM."""
     run_dir = tmp_path / "run"
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=2"]))
+    train(load_config(None, [*tiny_overrides, "train.steps=2"]))
     state_file = latest_checkpoint(run_dir) / "state.pt"
     state = torch.load(state_file, weights_only=True)
     torch.save({**state, "backend": "deepspeed-zero2"}, state_file)
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
     with pytest.raises(ConfigError, match="deepspeed-zero2 backend"):
-        train_gan(load_config(None, [*tiny_overrides, "train.steps=4"]))
+        train(load_config(None, [*tiny_overrides, "train.steps=4"]))
     assert {signum: signal.getsignal(signum) for signum in before} == before

@@ -1,4 +1,4 @@
-"""DCGAN training: exact resume, checkpoints, outputs; 2 real processes under accelerate and torchrun."""
+"""DCGAN (and the original GAN) training: exact resume, checkpoints, outputs; 2 real processes under accelerate and torchrun."""
 import dataclasses
 import json
 from pathlib import Path
@@ -12,27 +12,28 @@ from gendist.checkpoint import list_checkpoints, load_checkpoint
 from gendist.config import load_config
 from gendist.dist import seed_everything
 from gendist.models.dcgan import Generator
-from gendist.training.gan import train_gan
+from gendist.training.loop import train
 
 
-
-def test_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path):
+@pytest.mark.parametrize("family", ["dcgan", "gan"])
+def test_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path, family):
     """10 steps straight vs 5, stop, resume for 5: bit-identical weights. Two loader workers and
     an epoch of 7 batches, so the resume skips into a worker's stream and crosses an epoch."""
-    common = [*tiny_overrides, "data.batch_size=32", "data.num_workers=2", "train.checkpoint_every=5"]
-    straight = train_gan(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'a'}"]))
-    first = train_gan(load_config(None, [*common, "train.steps=5", f"train.run_dir={tmp_path / 'b'}"]))
+    common = [*tiny_overrides, f"model.name={family}", "data.batch_size=32", "data.num_workers=2",
+              "train.checkpoint_every=5"]
+    straight = train(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'a'}"]))
+    first = train(load_config(None, [*common, "train.steps=5", f"train.run_dir={tmp_path / 'b'}"]))
     assert first.state.step == 5 and first.state.epoch == 0
-    resumed = train_gan(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'b'}"]))
+    resumed = train(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'b'}"]))
     assert resumed.state.step == 10 and resumed.state.epoch == 1
     assert dataclasses.replace(straight.state, train_seconds=0.0) == dataclasses.replace(resumed.state, train_seconds=0.0)
-    assert_same_weights(straight.generator.state_dict(), resumed.generator.state_dict())
-    assert_same_weights(straight.discriminator.state_dict(), resumed.discriminator.state_dict())
+    assert_same_weights(straight["generator"].state_dict(), resumed["generator"].state_dict())
+    assert_same_weights(straight["discriminator"].state_dict(), resumed["discriminator"].state_dict())
 
 
 def test_run_folder_outputs_and_checkpoint_contents(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2",
+    train(load_config(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2",
                                  "train.sample_every=3", "train.keep_checkpoints=2"]))
     assert [p.name for p in list_checkpoints(run)] == ["step_0000004", "step_0000006"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
@@ -48,17 +49,17 @@ def test_run_folder_outputs_and_checkpoint_contents(tiny_overrides, tmp_path):
 
 def test_partial_checkpoint_is_ignored(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"]))
+    train(load_config(None, [*tiny_overrides, "train.steps=2", "train.checkpoint_every=2"]))
     (run / "checkpoints" / ".step_0000004.partial").mkdir()  # a save killed half-way
     (run / "checkpoints" / ".step_0000004.partial" / "rank0.pt").write_bytes(b"truncated")
-    result = train_gan(load_config(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"]))
+    result = train(load_config(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"]))
     assert result.state.step == 4
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000004"]
 
 
 def test_bf16_autocast_path_trains(tiny_overrides):
-    result = train_gan(load_config(None, [*tiny_overrides, "train.steps=2", "train.mixed_precision=bf16"]))
-    assert all(torch.isfinite(p).all() for p in result.generator.parameters())
+    result = train(load_config(None, [*tiny_overrides, "train.steps=2", "train.mixed_precision=bf16"]))
+    assert all(torch.isfinite(p).all() for p in result["generator"].parameters())
 
 
 @pytest.mark.slow
@@ -74,7 +75,7 @@ def test_two_processes_end_with_identical_weights(launcher, tiny_overrides, tmp_
     assert [s["step"] for s in saved] == [4, 4]
     assert_same_weights(saved[0]["generator"], saved[1]["generator"])
     assert_same_weights(saved[0]["discriminator"], saved[1]["discriminator"])
-    seed_everything(0)  # the initial weights, as train_gan makes them
+    seed_everything(0)  # the initial weights, as train makes them
     initial = Generator(z_dim=100, ngf=8, image_size=32).state_dict()
     assert not torch.equal(saved[0]["generator"]["net.0.weight"], initial["net.0.weight"])
 
@@ -103,15 +104,15 @@ def latest_step(run: Path) -> int | None:
 def test_loader_workers_are_gone_when_training_returns(tiny_overrides):
     """The stream is closed at the end: workers left to the garbage collector each wait out a 5 s
     shutdown timeout at some later, random point."""
-    train_gan(load_config(None, [*tiny_overrides, "train.steps=2", "data.num_workers=2"]))
+    train(load_config(None, [*tiny_overrides, "train.steps=2", "data.num_workers=2"]))
     assert psutil.Process().children(recursive=True) == []
 
 
 def test_resume_applies_the_configs_learning_rate_and_betas(tiny_overrides, tmp_path):
     """A checkpoint carries optimizer state; the config decides hyperparameters (PBT changes them)."""
     common = [*tiny_overrides, "train.checkpoint_every=2"]
-    train_gan(load_config(None, [*common, "train.steps=2"]))
-    train_gan(load_config(None, [*common, "train.steps=3", "optim.lr_g=1e-3", "optim.lr_d=5e-4", "optim.betas=[0.0,0.9]"]))
+    train(load_config(None, [*common, "train.steps=2"]))
+    train(load_config(None, [*common, "train.steps=3", "optim.lr_g=1e-3", "optim.lr_d=5e-4", "optim.betas=[0.0,0.9]"]))
     shared, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000003", rank=0)
     assert [g["lr"] for g in shared["opt_g"]["param_groups"]] == [1e-3]
     assert [g["lr"] for g in shared["opt_d"]["param_groups"]] == [5e-4]

@@ -21,13 +21,10 @@ from gendist.config import RunConfig
 from gendist.data.loader import read_in_order
 from gendist.eval import reference as ref_cache
 from gendist.eval.inception import FidInception, weights_id
+from gendist.families.base import Generate, Reconstruct
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
 from gendist.reporting import append_jsonl, read_jsonl
 
-# z (N, z_dim) and the real attributes (N, A, +-1) the sample should have -> images in [-1, 1]
-Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-# real images in [-1, 1] -> reconstructions in [-1, 1]
-Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 EVAL_LOG = "eval.jsonl"
 PROTOCOL = "pytorch-fid InceptionV3 pool3 (2048-d), bilinear resize to 299x299, images quantised to uint8"
 

@@ -2,9 +2,10 @@
 state, checkpointed objects, metric windows and the log/sample/checkpoint cadence)."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from gendist.config import ConfigError, OptimConfig, RunConfig, differences, to_
 from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, make_loader
 from gendist.data.shards import MANIFEST, Preprocess, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
-from gendist.eval.evaluator import EVAL_LOG, Evaluator, Generate, Reconstruct, append_row
+from gendist.eval.evaluator import EVAL_LOG, Evaluator, append_row
+from gendist.families.base import Sampling
 from gendist.reporting import Reporter, drop_rows_after
 from gendist.stopping import LoaderWorkerSignals, StopRequests
 
@@ -58,11 +60,6 @@ def build_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Optimize
         return torch.optim.RMSprop(params, lr=lr, foreach=True)
     # fused: one kernel for all parameters on GPUs (CPUs too); the same update as the default loop
     return torch.optim.Adam(params, lr=lr, betas=cfg.betas, fused=True)
-
-
-def in_memory_format(net: nn.Module, cfg: RunConfig) -> nn.Module:
-    """`net` in the run's memory format (train.channels_last)."""
-    return net.to(memory_format=torch.channels_last) if cfg.train.channels_last else net
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> None:
@@ -124,13 +121,6 @@ def _changes(changed: dict[str, tuple[Any, Any]], keys: list[str]) -> list[str]:
     return [f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in keys]
 
 
-def attribute_columns(wanted: list[str], available: list[str]) -> list[int]:
-    missing = [name for name in wanted if name not in available]
-    if missing:
-        raise ConfigError(f"model.attributes {missing} are not in this dataset; it has: {', '.join(available) or 'none'}")
-    return [available.index(name) for name in wanted]
-
-
 class Session:
     """One training run's plumbing; the loops own only their maths."""
 
@@ -172,10 +162,7 @@ class Session:
         self.evaluator = Evaluator(cfg, accelerator, shard_dir)
         if cfg.eval.every:
             self.evaluator.inception  # missing FID weights fail now, not hours into the run
-        self._write_samples: Callable[[], None] = lambda: None
-        self._generate: Generate | None = None
-        self._reconstruct: Reconstruct | None = None
-        self._generator_label = ""
+        self._sampling: Sampling | None = None
         self.stop_requests = StopRequests()  # installed for the training loop only (__enter__)
         self.stopped_early = False
 
@@ -209,11 +196,9 @@ class Session:
         if isinstance(obj, nn.Module):
             self.modules.append(obj)
 
-    def attach(self, write_samples: Callable[[], None], generate: Generate, generator_label: str,
-               reconstruct: Reconstruct | None = None) -> None:
-        """The loop's outputs: sample grids, and the sampler (and reconstructor) that evaluation scores."""
-        self._write_samples, self._generate, self._reconstruct = write_samples, generate, reconstruct
-        self._generator_label = generator_label
+    def attach(self, sampling: Sampling) -> None:
+        """The family's outputs: sample grids, and what evaluation scores."""
+        self._sampling = sampling
 
     def resume(self) -> None:
         """Load the latest checkpoint of the run folder that every rank can read, if any, and start
@@ -344,7 +329,8 @@ class Session:
             for module in self.modules:
                 dist.average_buffers(self.accelerator, module)
         if sample and self.accelerator.is_main_process:
-            self._write_samples()
+            with self._modules_in_eval_mode():
+                self._sampling.write_grids(self.run_dir / "samples", self.state.step)
         if evaluate:
             self.evaluate()
         if saved:
@@ -386,17 +372,23 @@ class Session:
                        f"it ({kept}). Lower the learning rates (optim.lr_g, optim.lr_d) and resume, or start a new "
                        "train.run_dir")
 
-    def evaluate(self) -> dict:
-        """Score the current models (collective); its time is kept out of the images/s window."""
-        started = time.perf_counter()
+    @contextlib.contextmanager
+    def _modules_in_eval_mode(self):
         modes = [module.training for module in self.modules]
         for module in self.modules:
             module.eval()
         try:
-            row = self.evaluator.evaluate(self._generate, self.state.step, self._generator_label, self._reconstruct)
+            yield
         finally:
             for module, mode in zip(self.modules, modes):
                 module.train(mode)
+
+    def evaluate(self) -> dict:
+        """Score the current models (collective); its time is kept out of the images/s window."""
+        started = time.perf_counter()
+        sampling = self._sampling
+        with self._modules_in_eval_mode():
+            row = self.evaluator.evaluate(sampling.generate, self.state.step, sampling.label, sampling.reconstruct)
         row["images_seen"] = self.state.images_seen
         row["source"] = "training"
         if self.accelerator.is_main_process:

@@ -1,0 +1,16 @@
+"""The registry of families: `model.name` -> the declaration of its networks, phases and sampling."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from gendist.families import gan, vae
+from gendist.families.base import Family, FamilyInputs
+
+DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
+    "gan": gan.declare, "dcgan": gan.declare, "cgan": gan.declare, "wgan": gan.declare, "wgan_gp": gan.declare, "vae": vae.declare,
+}
+
+
+def declare(inputs: FamilyInputs) -> Family:
+    """The family `inputs.cfg.model.name` names (RunConfig.validate refuses names not in DECLARATIONS)."""
+    return DECLARATIONS[inputs.cfg.model.name](inputs)

@@ -1,0 +1,130 @@
+"""What a family declares, and nothing it runs: its networks (each with its optimizer and an
+optional EMA copy), its phases (which network a phase updates, what it freezes, the loss it takes
+from the step's batches and shared scratch, how many times it repeats per step), and its sampling
+(what the grids show and what evaluation scores). gendist.training.loop runs every family the
+same way; this module knows nothing of ranks, engines or checkpoints.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from gendist.config import RunConfig
+from gendist.data.loader import StreamSpec
+
+# z (N, z_dim) and the real attributes (N, A, +-1) the sample should have -> images in [-1, 1]
+Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# real images in [-1, 1] -> reconstructions in [-1, 1]
+Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+Stats = dict[str, torch.Tensor | float]
+
+
+@dataclass(frozen=True)
+class FamilyInputs:
+    """What a declaration may depend on besides the config: the data's attribute names, and the
+    stream's spec (for a fixed batch of real images in the grids)."""
+
+    cfg: RunConfig
+    attribute_names: list[str]
+    spec: StreamSpec | None = None  # None when only sampling (gendist eval, compare)
+
+
+@dataclass
+class Network:
+    """A trained network: checkpointed as `name`, its optimizer as `optimizer`, its EMA as `<name>_ema`."""
+
+    name: str
+    module: nn.Module
+    optimizer: str
+    lr: float
+    ema: bool = False
+
+
+class StepContext:
+    """What a phase's loss sees: the networks as the loop prepared them (DDP or an engine), their
+    bare modules, the next batch of this rank, the step (counted from 1), the repeat within the
+    phase, and scratch shared by the phases of one step (a GAN's last fake batch)."""
+
+    def __init__(self, nets: dict[str, nn.Module], bare: dict[str, nn.Module], next_batch: Callable[[], dict],
+                 device: torch.device) -> None:
+        self.nets, self.bare, self.next_batch, self.device = nets, bare, next_batch, device
+        self.step, self.repeat, self.repeats = 0, 0, 1
+        self.scratch: dict[str, Any] = {}
+
+    @property
+    def last_repeat(self) -> bool:
+        return self.repeat == self.repeats - 1
+
+
+@dataclass
+class Phase:
+    """One kind of update: `loss(ctx)` -> (loss, stats) steps `network`; `frozen` networks are used
+    but get no parameter gradients (and no gradient sync). Each of `repeats` repeats is its own
+    update; `after_update` runs after each (WGAN's weight clipping)."""
+
+    name: str
+    network: str
+    loss: Callable[[StepContext], tuple[torch.Tensor, Stats]]
+    repeats: int = 1
+    frozen: tuple[str, ...] = ()
+    after_update: Callable[[], None] | None = None
+
+
+@dataclass
+class Sampling:
+    """What evaluation scores (`generate`, and `reconstruct` for autoencoders) with the label its
+    scores carry, and the sample grids written into a run's samples/ folder at a step."""
+
+    generate: Generate
+    label: str
+    write_grids: Callable[[Path, int], None]
+    reconstruct: Reconstruct | None = None
+
+
+@dataclass
+class Family:
+    networks: list[Network]
+    phases: list[Phase]
+    # the bare networks by name (EMA copies as "<name>_ema", their averaged module) -> Sampling
+    sampling: Callable[[dict[str, nn.Module]], Sampling]
+    notes: list[str] = field(default_factory=list)  # printed at start-up
+
+
+def in_memory_format(net: nn.Module, cfg: RunConfig) -> nn.Module:
+    """`net` in the run's memory format (train.channels_last)."""
+    return net.to(memory_format=torch.channels_last) if cfg.train.channels_last else net
+
+
+def ema_with_warmup(decay: float):
+    """EMA whose decay grows as (1 + n) / (10 + n) up to `decay`: early grids are not dominated by
+    the random initial weights (at 0.999, step 250 would still weigh them 78%)."""
+
+    def average(ema_param: torch.Tensor, param: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        d = torch.clamp((1.0 + num_averaged) / (10.0 + num_averaged), max=decay).to(ema_param.dtype)
+        return d * ema_param + (1 - d) * param
+
+    return average
+
+
+def averaged(module: nn.Module, decay: float = 0.0) -> AveragedModel:
+    """The EMA copy of a network, as trained and as checkpointed (`<name>_ema`)."""
+    return AveragedModel(module, avg_fn=ema_with_warmup(decay) if decay else None, use_buffers=True)
+
+
+def sampling_from_checkpoint(family: Family, shared: dict, device: torch.device) -> Sampling:
+    """A checkpoint's networks (their EMA copies where it holds them), ready to sample."""
+    bare: dict[str, nn.Module] = {}
+    for network in family.networks:
+        network.module.load_state_dict(shared[network.name])
+        bare[network.name] = network.module.to(device).eval()
+        if f"{network.name}_ema" in shared:
+            ema = averaged(network.module)
+            ema.load_state_dict(shared[f"{network.name}_ema"])
+            bare[f"{network.name}_ema"] = ema.module.to(device).eval()
+    return family.sampling(bare)

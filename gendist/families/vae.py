@@ -1,0 +1,87 @@
+"""The VAE family: ELBO = reconstruction NLL + beta_t * KL, one network, one phase.
+
+Grids: prior samples from fixed noise (samples/step_*.png) and, for a fixed real batch, originals
+in odd rows above their reconstructions (samples/recon_step_*.png).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.utils import save_image
+
+from gendist.config import RunConfig
+from gendist.data.loader import ShardStream, StreamSpec
+from gendist.families.base import Family, FamilyInputs, Network, Phase, Sampling, Stats, StepContext, in_memory_format
+from gendist.losses.vae import decoded_images, kl_standard_normal, reconstruction_nll
+from gendist.models.vae import ConvVAE
+
+SAMPLER_LABEL = "VAE prior samples (decoder mean)"
+
+
+def kl_weight(cfg: RunConfig, step: int) -> float:
+    """beta, ramped linearly from 0 over the warm-up (step counts from 1)."""
+    warmup = cfg.vae.kl_warmup_steps
+    return cfg.vae.beta * (min(1.0, step / warmup) if warmup > 0 else 1.0)
+
+
+def build_vae(cfg: RunConfig) -> ConvVAE:
+    return in_memory_format(ConvVAE(cfg.model.z_dim, cfg.model.ngf, cfg.model.ndf, cfg.model.image_size,
+                                    learn_sigma=cfg.vae.likelihood == "gaussian_learned"), cfg)
+
+
+def fixed_real_batch(spec: StreamSpec, count: int) -> torch.Tensor:
+    """The first `count` images of epoch 0 as one rank would read them: the same for every run."""
+    spec = dataclasses.replace(spec, rank=0, world_size=1, batch_size=count)
+    images = next(iter(ShardStream(spec)))["images"]
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def declare(inputs: FamilyInputs) -> Family:
+    cfg = inputs.cfg
+    vae_cfg = cfg.vae
+    net = build_vae(cfg)
+
+    def elbo(ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+        real = ctx.next_batch()["images"]
+        decoded, mu, logvar = ctx.nets["vae"](real)
+        log_sigma = ctx.bare["vae"].log_sigma
+        recon = reconstruction_nll(decoded, real, vae_cfg.likelihood, vae_cfg.gaussian_std, log_sigma)
+        kl = kl_standard_normal(mu, logvar)
+        beta = kl_weight(cfg, ctx.step)
+        loss = recon + beta * kl
+        stats: Stats = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "kl_weight": beta}
+        if log_sigma is not None:
+            stats["sigma"] = log_sigma.detach().exp()
+        return loss, stats
+
+    noise = torch.randn(cfg.train.num_samples, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
+    originals: list[torch.Tensor] = []  # read at the first grid: evaluation alone never needs them
+
+    def sampling(bare: dict[str, nn.Module]) -> Sampling:
+        model = bare["vae"]
+        device = next(model.parameters()).device
+
+        def generate(z: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:  # attributes unused
+            return decoded_images(model.decode(z), vae_cfg.likelihood)
+
+        def reconstruct(images: torch.Tensor) -> torch.Tensor:
+            return decoded_images(model.decode(model.encode(images)[0]), vae_cfg.likelihood)
+
+        def write_grids(folder: Path, step: int) -> None:
+            if not originals:
+                originals.append(fixed_real_batch(inputs.spec, min(32, cfg.train.num_samples)).to(device))
+            real = originals[0]
+            with torch.no_grad():
+                prior, recon = generate(noise.to(device), None), reconstruct(real)
+            save_image(prior, folder / f"step_{step:07d}.png", nrow=8, normalize=True, value_range=(-1, 1))
+            pairs = torch.stack([real.view(-1, 8, *real.shape[1:]), recon.view(-1, 8, *recon.shape[1:])], dim=1)
+            save_image(pairs.flatten(0, 2), folder / f"recon_step_{step:07d}.png", nrow=8, normalize=True,
+                       value_range=(-1, 1))
+
+        return Sampling(generate, SAMPLER_LABEL, write_grids, reconstruct)
+
+    return Family(networks=[Network("vae", net, "optimizer", cfg.optim.lr_g)],
+                  phases=[Phase("elbo", "vae", elbo)], sampling=sampling)
