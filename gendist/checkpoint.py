@@ -1,7 +1,7 @@
 """Atomic, durable, complete checkpoints: run_dir/checkpoints/step_NNNNNNN/{state.pt, rank<R>.pt}.
 
-Every rank writes its RNG state into a hidden partial folder; rank 0 writes the shared state,
-fsyncs the files and the folder, then renames the folder into place (and fsyncs its parent), so a
+Every rank writes its RNG state into a hidden partial folder and rank 0 the shared state; every
+rank fsyncs the files, rank 0 the folders, then renames the folder into place (and fsyncs its parent), so a
 folder with a final name is always complete, also after a power loss (a killed run leaves only a
 partial folder, which the next save removes). Old checkpoints are pruned by renaming them out of
 the way first, so no half-deleted folder keeps a final name. Loading uses
@@ -9,6 +9,7 @@ torch.load(weights_only=True): no pickled code runs from a checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -76,22 +77,29 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, sh
         remove_leftovers(root)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rank_file = partial / f"rank{accelerator.process_index}.pt"
-    torch.save(rng_state(), rank_file)
-    fsync(rank_file)
+    torch.save(rng_state(), partial / f"rank{accelerator.process_index}.pt")
     if write_sharded is not None:
         write_sharded(partial)
     if accelerator.is_main_process:
         torch.save(shared, partial / "state.pt")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for path in sorted(partial.rglob("*"), key=lambda p: -len(p.parts)):  # files before their folders
+    # Once all is written, every rank flushes the files (one client's fsync does not flush another
+    # client's writes on a shared file system; where they are clean already, it costs little).
+    for path in partial.rglob("*"):
+        if path.is_file():
             fsync(path)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for folder in sorted((p for p in partial.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            fsync(folder)
         fsync(partial)
-        if final.exists():  # same step saved before (e.g. a rerun): replace it whole
-            discard(final)
+        replaced = final.with_name(f".{final.name}.deleting")
+        if final.exists():  # same step saved before (e.g. a rerun): moved aside, deleted once replaced
+            final.rename(replaced)
         partial.rename(final)
         fsync(root)
+        if replaced.exists():
+            shutil.rmtree(replaced, ignore_errors=True)
         for old in list_checkpoints(run_dir)[:-keep]:
             discard(old)
     accelerator.wait_for_everyone()
@@ -99,20 +107,32 @@ def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, sh
 
 
 def fsync(path: Path) -> None:
-    """Flush a file or a folder (its entries) to the disk."""
+    """Flush a file or a folder (its entries) to the disk. Folders on file systems that cannot
+    fsync them (some FUSE and CIFS mounts say EINVAL) are left as they are."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if not path.is_dir() or err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
 
 def discard(checkpoint: Path) -> None:
-    """Remove a checkpoint folder: first renamed to a hidden name (atomic), then deleted."""
+    """Remove a checkpoint folder: first renamed to a hidden name (atomic), then deleted; what cannot
+    be deleted now (an NFS file still open elsewhere) is left to the next save's remove_leftovers."""
     doomed = checkpoint.with_name(f".{checkpoint.name}.deleting")
     shutil.rmtree(doomed, ignore_errors=True)
     checkpoint.rename(doomed)
-    shutil.rmtree(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def set_aside(checkpoint: Path) -> None:
+    """Rename an unreadable checkpoint to .step_N.unreadable: kept for a look, no longer listed."""
+    aside = checkpoint.with_name(f".{checkpoint.name}.unreadable")
+    shutil.rmtree(aside, ignore_errors=True)
+    checkpoint.rename(aside)
 
 
 def remove_leftovers(root: Path) -> None:

@@ -88,9 +88,10 @@ class TrainConfig:
     # Networks (and the loader's images) in NHWC memory: faster convolutions (about 1.1x for a
     # DCGAN-64 step on CPU, see BENCHMARKS.md; the layout tensor cores want under bf16).
     channels_last: bool = True
-    # Once set-up is over, a collective that waits longer than this fails the job (a dead or hung
-    # peer) instead of waiting out the launch default (30 min gloo, 10 min NCCL).
-    collective_timeout_s: float = 600.0
+    # Once set-up is over (shard cache, FID reference and weights), a collective that waits longer
+    # than this fails the job (a dead or hung peer) instead of waiting out the launch default (30
+    # min gloo, 10 min NCCL). Rank 0's share of an evaluation (FID, KID) takes seconds.
+    collective_timeout_s: float = 300.0
 
 
 @dataclass

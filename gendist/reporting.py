@@ -33,12 +33,24 @@ def _finite_or_null(value: Any) -> Any:
 
 
 def drop_rows_after(path: Path, step: int, applies: Callable[[dict[str, Any]], bool] = lambda row: True) -> None:
-    """Remove the rows of steps after `step` (those `applies` to): a resumed run logs them again."""
-    rows = read_jsonl(path)
+    """Remove the rows of steps after `step` (those `applies` to), which a resumed run logs again, and
+    lines a killed writer left torn (they would stop every later reader)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     kept = [row for row in rows if not (row.get("step", 0) > step and applies(row))]
-    if len(kept) != len(rows):
+    if len(kept) != len(lines):
         partial = path.with_name(path.name + ".partial")
-        partial.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        partial.unlink(missing_ok=True)
+        for row in kept:
+            append_jsonl(partial, row)
+        partial.touch()
         os.replace(partial, path)
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from gendist.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoint
 from gendist.config import ConfigError, RunConfig, load_config, load_into, parse_args_with_overrides, to_yaml
+from gendist.reporting import drop_rows_after
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
@@ -142,7 +143,11 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     else:
         launcher = [sys.executable]
     eval_log = run_dir / "eval.jsonl"
-    reported = start_step  # a resumed trainer drops and replays the rows after its checkpoint
+    # Rows after the installed checkpoint (a killed attempt's, or this trial's own before PBT handed
+    # it another's checkpoint) are replayed by the trainer: none of them is reported.
+    drop_rows_after(eval_log, start_step, lambda row: row.get("source") == "training")
+    drop_rows_after(run_dir / "metrics.jsonl", start_step)
+    reported = start_step
     with (trial_dir / "train.log").open("a") as log:
         proc = subprocess.Popen([*launcher, "-m", "gendist.train", "--config", plan.base, *overrides], cwd=plan.workdir,
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)

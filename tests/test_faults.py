@@ -54,7 +54,9 @@ def test_divergence_stops_with_the_step_and_loss_and_keeps_the_finite_checkpoint
         train(load_config(None, [*wgan_gp, "train.steps=40", "train.checkpoint_every=1", "optim.lr_g=1e6",
                                      "optim.lr_d=1e6"]))
     assert any(name in str(err.value) for name in ("loss_d", "loss_g", "wasserstein", "gradient_penalty", "weights"))
-    for checkpoint in list_checkpoints(run):  # keep_checkpoints=1: a non-finite save would have pruned step 4
+    kept = list_checkpoints(run)
+    assert kept and kept[0].name >= "step_0000004"  # keep_checkpoints=1: a non-finite save would prune the last good
+    for checkpoint in kept:
         shared, _ = load_checkpoint(checkpoint, 0)
         for network in ("generator", "discriminator"):
             assert all(torch.isfinite(t).all() for t in shared[network].values())
@@ -73,6 +75,9 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_one_before(tiny_overr
     assert f"{latest / 'state.pt'} cannot be read" in out and "trying the checkpoint before it" in out
     assert "at step 2" in out
     assert_same_run(straight["generator"].state_dict(), resumed["generator"].state_dict())
+    # set aside, out of pruning, evaluation and comparison
+    assert (latest.parent / ".step_0000004.unreadable" / "state.pt").is_file()
+    assert [c.name for c in list_checkpoints(tmp_path / "run")] == ["step_0000002", "step_0000004", "step_0000006"]
 
 
 def test_a_checkpoint_with_foreign_pickles_is_refused_naming_the_file(tmp_path):
@@ -102,10 +107,10 @@ def test_saves_remove_partial_and_emptied_checkpoint_folders(tiny_overrides, tmp
 def test_resuming_under_another_layout_is_said_and_continues(tiny_overrides, tmp_path, capsys):
     train(load_config(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"]))
     capsys.readouterr()
-    result = train(load_config(None, [*tiny_overrides, "train.steps=6", "data.num_workers=0",
-                                          "data.batch_size=4"]))
+    result = train(load_config(None, [*tiny_overrides, "train.steps=6", "data.num_workers=2",
+                                      "data.batch_size=4"]))
     out = capsys.readouterr().out
-    assert "warning: resuming" in out and "num_workers 1 -> 0" in out and "batch_size 8 -> 4" in out
+    assert "warning: resuming" in out and "num_workers 1 -> 2" in out and "batch_size 8 -> 4" in out
     assert "not bit-identically" in out
     assert result.state.step == 6
     # 4 batches of 8 were read in epoch 0; carried over as 8 batches of 4, then 2 more
@@ -184,8 +189,36 @@ def test_a_batch_larger_than_the_split_is_a_config_error_naming_the_key(tiny_ove
 
 
 def test_rank_seeds_of_neighbouring_run_seeds_do_not_coincide():
-    from gendist.dist import rank_seed
+    from gendist.dist import rank_seed, seed_everything
 
     seeds = {(seed, rank): rank_seed(seed, rank) for seed in range(4) for rank in range(8)}
     assert len(set(seeds.values())) == len(seeds)  # seed + rank made (0, 1) and (1, 0) one stream
-    assert rank_seed(3, 2) == rank_seed(3, 2)
+
+    class Rank2:
+        process_index = 2
+
+    seed_everything(3, Rank2())
+    assert torch.initial_seed() == rank_seed(3, 2)
+    seed_everything(3)  # the same on every rank
+    assert torch.initial_seed() == 3
+
+
+def test_torn_metric_lines_do_not_stop_a_resume(tiny_overrides, tmp_path):
+    run = tmp_path / "run"
+    train(load_config(None, [*tiny_overrides, "train.steps=2", "train.log_every=1"]))
+    with (run / "metrics.jsonl").open("a") as sink:
+        sink.write('{"step": 3, "los')  # a write cut by a kill or a power loss
+    train(load_config(None, [*tiny_overrides, "train.steps=3", "train.log_every=1"]))
+    assert [row["step"] for row in strict_rows(run / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_every_checkpoint_file_and_folder_is_fsynced_before_it_is_published(tiny_overrides, tmp_path, monkeypatch):
+    from gendist import checkpoint
+
+    flushed = []
+    real_fsync = checkpoint.fsync
+    monkeypatch.setattr(checkpoint, "fsync", lambda path: (flushed.append(path), real_fsync(path)))
+    train(load_config(None, [*tiny_overrides, "train.steps=2"]))
+    partial = tmp_path / "run" / "checkpoints" / ".step_0000002.partial"
+    assert {partial / "state.pt", partial / "rank0.pt", partial, partial.parent} <= set(flushed)
+    assert flushed.index(partial) < flushed.index(partial.parent)  # the folder before the rename is flushed

@@ -190,6 +190,8 @@ class ShardStream(IterableDataset):
         spec, batches = self.spec, self.batches
         quota = batches // num_workers + (worker < batches % num_workers)
         skip = max(0, -(-(self.skip_batches - worker) // num_workers))  # ceil((k - w) / W)
+        if skip >= quota:  # a resume at this slot's end: nothing left to read
+            return
         # Ranges lie end to end: rank by rank, and within a rank logical worker by worker.
         before = spec.rank * batches + worker * (batches // num_workers) + min(worker, batches % num_workers)
         order = list(self.shards)

@@ -18,8 +18,8 @@ from torch import nn
 import gendist
 from gendist import dist, engines
 from gendist.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                save_checkpoint, set_rng_state)
-from gendist.config import ConfigError, OptimConfig, RunConfig, differences, to_dict, to_yaml
+                                save_checkpoint, set_aside, set_rng_state)
+from gendist.config import ConfigError, OptimConfig, RunConfig, differences, load_into, to_dict, to_yaml
 from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, make_loader
 from gendist.data.shards import MANIFEST, Preprocess, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
@@ -86,8 +86,10 @@ def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
 
 
 def stack_values(values: dict[str, torch.Tensor | float], names: list[str], device: torch.device) -> torch.Tensor:
-    """One float vector on `device` of a step's values (device or CPU tensors, Python numbers)."""
-    return torch.stack([torch.as_tensor(values[name], device=device).detach().float().reshape(()) for name in names])
+    """One float vector on `device` of a step's values (device or CPU tensors, Python numbers). A
+    number becomes a fill on the device, not a host-to-device copy, which would wait for the stream."""
+    return torch.stack([values[name].detach().float().reshape(()).to(device) if isinstance(values[name], torch.Tensor)
+                        else torch.full((), float(values[name]), device=device) for name in names])
 
 
 def all_finite(params) -> bool:
@@ -102,7 +104,11 @@ def record_config(cfg: RunConfig, run_dir: Path) -> str | None:
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
     path, text = run_dir / "config.yaml", to_yaml(cfg)
     if path.is_file() and path.read_text() != text:
-        changed = differences(yaml.safe_load(path.read_text()), to_dict(cfg))
+        try:  # with today's defaults filled in, so a key added since is no change
+            previous = to_dict(load_into(RunConfig(), path))
+        except ConfigError:  # a key removed since: compare as written
+            previous = yaml.safe_load(path.read_text())
+        changed = differences(previous, to_dict(cfg))
         latest = latest_checkpoint(run_dir)
         networks = [key for key in changed if key.startswith("model.")]
         if latest is not None and networks:
@@ -160,8 +166,8 @@ class Session:
         self._window_start, self._window_images_start = time.perf_counter(), 0
         self.reporter: Reporter | None = None
         self.evaluator = Evaluator(cfg, accelerator, shard_dir)
-        if cfg.eval.every:
-            self.evaluator.inception  # missing FID weights fail now, not hours into the run
+        if cfg.eval.every:  # missing FID weights fail now, not hours into the run, and the real
+            self.evaluator.reference()  # statistics are built before the collective timeout shortens
         self._sampling: Sampling | None = None
         self.stop_requests = StopRequests()  # installed for the training loop only (__enter__)
         self.stopped_early = False
@@ -220,6 +226,9 @@ class Session:
             self._check_layout(checkpoint, shared)
             if rng is not None:
                 set_rng_state(rng)
+            elif shared["world_size"] >= self.accelerator.num_processes:
+                print(f"[rank {self.accelerator.process_index}] warning: {checkpoint} has no RNG state of this rank: "
+                      "the resume is not bit-identical", flush=True)
             dist.rank_print(self.accelerator, f"resumed from {checkpoint} at step {self.state.step}")
         if self.accelerator.is_main_process:
             drop_rows_after(self.run_dir / "metrics.jsonl", self.state.step)
@@ -229,7 +238,7 @@ class Session:
 
     def _latest_readable(self) -> tuple[Path | None, dict | None, dict | None]:
         """The newest checkpoint every rank could load, falling back past unreadable ones (said)."""
-        found = list_checkpoints(self.run_dir)
+        found = dist.broadcast_from_main(self.accelerator, list_checkpoints(self.run_dir))  # one list: one loop
         for checkpoint in reversed(found):
             problem = None
             try:
@@ -239,7 +248,10 @@ class Session:
                 print(f"[rank {self.accelerator.process_index}] warning: {problem}", flush=True)
             if not dist.any_rank(self.accelerator, problem is not None):
                 return checkpoint, shared, rng
-            dist.rank_print(self.accelerator, f"warning: cannot resume from {checkpoint}; trying the checkpoint before it")
+            if self.accelerator.is_main_process:
+                set_aside(checkpoint)  # kept for a look, out of pruning, eval and compare
+            dist.rank_print(self.accelerator, f"warning: cannot resume from {checkpoint} (set aside as "
+                                              f".{checkpoint.name}.unreadable); trying the checkpoint before it")
         if found:
             raise CheckpointError(f"none of the {len(found)} checkpoints in {found[0].parent} can be loaded (see the "
                                   "warnings above); move them away to start this run afresh")
@@ -250,7 +262,7 @@ class Session:
         works but is not bit-identical to an uninterrupted run: say so, and carry the position in
         the epoch over as images read."""
         saved = shared.get("layout", {"world_size": shared["world_size"]})  # older checkpoints
-        changed = {key: (value, self.layout[key]) for key, value in saved.items() if self.layout[key] != value}
+        changed = {key: (value, self.layout.get(key)) for key, value in saved.items() if self.layout.get(key) != value}
         if not changed:
             return
         old_batch = saved["world_size"] * saved.get("batch_size", self.cfg.data.batch_size)
@@ -284,16 +296,24 @@ class Session:
         while True:
             loader = make_loader(self.spec, self.cfg.data.num_workers, self.state.epoch, self.state.batch_in_epoch,
                                  self.worker_signals)
-            first_batch, damage = self.state.batch_in_epoch, [0, 0]
-            for batch in loader:
-                self.state.batch_in_epoch += 1
-                self.state.images_seen += self.spec.batch_size * self.accelerator.num_processes
-                self._data_damage[0] += batch["errors"]
-                self._data_damage[1] += batch["short"]
-                damage[0] += batch["errors"]
-                damage[1] += batch["short"]
-                images = batch["images"].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
-                yield {**batch, "images": images, "attrs": batch["attrs"].to(self.device, non_blocking=True)}
+            first_batch, damage = self.state.batch_in_epoch, [0, 0]  # this epoch's, beside the window's
+            batches = iter(loader)
+            try:
+                for batch in batches:
+                    self.state.batch_in_epoch += 1
+                    self.state.images_seen += self.spec.batch_size * self.accelerator.num_processes
+                    for counts in (self._data_damage, damage):
+                        counts[0] += batch["errors"]
+                        counts[1] += batch["short"]
+                    images = batch["images"].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+                    yield {**batch, "images": images, "attrs": batch["attrs"].to(self.device, non_blocking=True)}
+            except BaseException:  # an error, or the stream closed: the workers may end on SIGTERM now
+                self.worker_signals.release()
+                raise
+            finally:  # end the workers here: an error's traceback would keep the iterator alive until exit
+                shutdown = getattr(batches, "_shutdown_workers", None)  # none without worker processes
+                if shutdown is not None:
+                    shutdown()
             self._epochs_read.append((self.state.epoch, first_batch, self.state.batch_in_epoch, *damage))
             self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
 
@@ -461,7 +481,8 @@ class Session:
     @property
     def layout(self) -> dict[str, Any]:
         """What an exact resume depends on besides the checkpointed state."""
-        return {"world_size": self.accelerator.num_processes, "num_workers": self.cfg.data.num_workers,
+        # 0 and 1 loader workers read the same single stream
+        return {"world_size": self.accelerator.num_processes, "num_workers": max(1, self.cfg.data.num_workers),
                 "batch_size": self.cfg.data.batch_size, "seed": self.cfg.train.seed, "gendist": gendist.__version__}
 
     def __enter__(self) -> Session:
@@ -474,9 +495,9 @@ class Session:
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> None:
-        # Stop the loader workers now, also on an error: left to the garbage collector, the stream
-        # dies inside a reference cycle whose queues may be finalised first, and each worker then
-        # takes its 5 s shutdown timeout.
+        # Stop the loader workers now (on an error the stream has stopped them already): left to the
+        # garbage collector, the stream dies inside a reference cycle whose queues may be finalised
+        # first, and each worker then takes its 5 s shutdown timeout.
         self.worker_signals.release()
         self._batches.close()
         self.stop_requests.restore()
