@@ -8,6 +8,7 @@ so they are per core, measured over --images images after --warmup images (both 
 cache, filled shuffle pool); ratios are against the baseline measured in the same run. Also: the
 peak resident set of one loader worker process (num_workers=1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,12 +56,19 @@ def gendist_batches(shard_dir: Path, size: int, batch: int) -> Iterator[torch.Te
 
 def baseline_batches(image_root: Path, size: int, batch: int) -> Iterator[torch.Tensor]:
     """pytorch/examples-style: ImageFolder + PIL decode of the aligned JPEGs + crop + resize."""
+
     def crop(img):
         side = CELEBA_CROP_FRACTION * min(img.size)
         return transforms.functional.center_crop(img, [round(side), round(side)])
 
-    tf = transforms.Compose([transforms.Lambda(crop), transforms.Resize(size), transforms.ToTensor(),
-                             transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
+    tf = transforms.Compose(
+        [
+            transforms.Lambda(crop),
+            transforms.Resize(size),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5,) * 3, (0.5,) * 3),
+        ]
+    )
     loader = DataLoader(datasets.ImageFolder(str(image_root), tf), batch_size=batch, shuffle=True, num_workers=0)
     for real, _ in endless(lambda epoch: loader):
         yield real
@@ -96,8 +104,9 @@ def main() -> None:
         for encoding, per_sample in (("raw", 64), ("raw", 1), ("jpeg", 1), ("png", 1)):
             out = tmp / f"{encoding}-{per_sample}"
             started = time.perf_counter()
-            manifest = write_shards(source, out, Preprocess(args.size), encoding, per_sample, workers=os.cpu_count(),
-                                    show_progress=False)
+            manifest = write_shards(
+                source, out, Preprocess(args.size), encoding, per_sample, workers=os.cpu_count(), show_progress=False
+            )
             convert = manifest["splits"]["train"]["count"] / (time.perf_counter() - started)
             count = sum(s["count"] for s in manifest["splits"].values())
             size = sum(p.stat().st_size for p in out.glob("*.tar")) / count
@@ -116,12 +125,17 @@ def main() -> None:
         base = timed_rate(baseline_batches(image_root, args.size, args.batch), args.warmup, args.images)
 
     print(f"\nbaseline ImageFolder+PIL (JPEG decode, crop, resize), 1 process: {base:.0f} images/s\n")
-    print(f"| encoding (images per sample) | convert images/s ({os.cpu_count()} procs) | bytes/image | load images/s, 1 core | vs baseline |")
+    print(
+        f"| encoding (images per sample) | convert images/s ({os.cpu_count()} procs) | bytes/image "
+        "| load images/s, 1 core | vs baseline |"
+    )
     print("|---|---|---|---|---|")
     for name, convert, size, rate in rows:
         print(f"| {name} | {convert:.0f} | {size:.0f} | {rate:.0f} | {rate / base:.1f}x |")
-    print(f"\nraw x64, batch {args.batch}: peak RSS of one loader worker (make_loader, num_workers=1) after 50 "
-          f"batches: {rss:.0f} MiB")
+    print(
+        f"\nraw x64, batch {args.batch}: peak RSS of one loader worker (make_loader, num_workers=1) after 50 "
+        f"batches: {rss:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ The generator is a DCGAN-64 (ngf 64) at its initial weights: generation costs th
 trained one. Without pytorch-fid's weights (offline machines) the Inception is the random-init
 network of the same architecture, so the timings hold and the FID values mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 from gendist.config import load_config
-from gendist.dist import build_accelerator
+from gendist.distributed import build_accelerator
 from gendist.eval.evaluator import Evaluator
 from gendist.eval.metrics import feature_statistics, frechet_distance, psd_sqrt
 from gendist.models.dcgan import Generator
@@ -35,9 +36,16 @@ def main() -> None:
     args = parser.parse_args()
     accelerator = build_accelerator("no")
     stats_dir = tempfile.mkdtemp(prefix="fid-timing-")
-    cfg = load_config(None, [f"data.shards={args.shards}", f"eval.num_samples={args.num_samples}",
-                             f"eval.num_real={args.num_real}", f"eval.inception_weights={args.inception_weights}",
-                             f"eval.stats_dir={stats_dir}"])
+    cfg = load_config(
+        None,
+        [
+            f"data.shards={args.shards}",
+            f"eval.num_samples={args.num_samples}",
+            f"eval.num_real={args.num_real}",
+            f"eval.inception_weights={args.inception_weights}",
+            f"eval.stats_dir={stats_dir}",
+        ],
+    )
     torch.manual_seed(0)
     generator = Generator(cfg.model.z_dim, cfg.model.ngf, cfg.model.image_size).to(accelerator.device).eval()
     evaluator = Evaluator(cfg, accelerator, args.shards)
@@ -61,19 +69,31 @@ def main() -> None:
     scipy_value = calculate_frechet_distance(mu1, s1, mu2, s2)
     scipy_seconds = time.perf_counter() - started
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    print(f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; Inception: "
-          f"{row['protocol']['inception']}; {args.num_samples} generated vs {reference.count} real images of {args.shards}")
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    )
+    print(
+        f"device: {device}; torch {torch.__version__}; threads {torch.get_num_threads()}; Inception: "
+        f"{row['protocol']['inception']}; {args.num_samples} generated vs {reference.count} real images of "
+        f"{args.shards}"
+    )
     print("| phase | seconds |\n|---|---|")
-    print(f"| reference: read + embed {reference.count} real images (once per shard set, then cached) | {reference_seconds:.1f} |")
+    print(
+        f"| reference: read + embed {reference.count} real images (once per shard set, then cached) "
+        f"| {reference_seconds:.1f} |"
+    )
     for phase, seconds in row["seconds"].items():
         print(f"| eval: {phase} | {seconds:.2f} |")
     print(f"| eval: total ({args.num_samples} samples) | {eval_seconds:.1f} |")
     print(f"| Fréchet, gendist (eigh), no cached root | {ours_seconds:.2f} |")
     print(f"| Fréchet, gendist (eigh), reference root cached | {cached_seconds:.2f} |")
     print(f"| Fréchet, pytorch-fid (scipy sqrtm) | {scipy_seconds:.2f} |")
-    print(f"speed-up of the cached path over scipy: {scipy_seconds / cached_seconds:.1f}x; "
-          f"values {ours:.6f} vs {scipy_value:.6f} (relative difference {abs(ours - scipy_value) / abs(scipy_value):.1e})")
+    print(
+        f"speed-up of the cached path over scipy: {scipy_seconds / cached_seconds:.1f}x; "
+        f"values {ours:.6f} vs {scipy_value:.6f} (relative difference {abs(ours - scipy_value) / abs(scipy_value):.1e})"
+    )
     print(f"FID {row['fid']:.3f}, KID {row['kid']:.5f} (meaningless with random weights)")
     assert np.isfinite(ours)
 

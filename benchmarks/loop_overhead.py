@@ -13,6 +13,7 @@ generator step, the generator's fake reused from the last critic step, an EMA by
 Both skip their first logging window (start-up, allocator warm-up). Rounds alternate baseline and
 gendist; each figure is the median over rounds of real images consumed per second.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 
 from gendist.config import load_config
 from gendist.data.loader import ShardStream
-from gendist.dist import seed_everything
-from gendist.training.common import resolve_shards
+from gendist.distributed import seed_everything
 from gendist.families.gan import build_networks
+from gendist.training.common import resolve_shards
 from gendist.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +42,21 @@ PRESETS = {"dcgan": "dcgan_celeba64", "wgan_gp": "wgan_gp_celeba64"}
 def family_config(family: str, args: argparse.Namespace, run_dir: Path, log_every: int):
     steps = log_every * (args.windows + 1)
     middle = log_every * (args.windows // 2 + 1)  # one grid and one checkpoint inside the measured windows
-    return load_config(REPO / "configs" / f"{PRESETS[family]}.yaml", [
-        f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.log_every={log_every}",
-        f"train.sample_every={middle}", f"train.checkpoint_every={middle}", f"train.mixed_precision={args.precision}",
-        "data.shards=synthetic", f"data.batch_size={args.batch}", "data.num_workers=1", "eval.every=0"])
+    return load_config(
+        REPO / "configs" / f"{PRESETS[family]}.yaml",
+        [
+            f"train.run_dir={run_dir}",
+            f"train.steps={steps}",
+            f"train.log_every={log_every}",
+            f"train.sample_every={middle}",
+            f"train.checkpoint_every={middle}",
+            f"train.mixed_precision={args.precision}",
+            "data.shards=synthetic",
+            f"data.batch_size={args.batch}",
+            "data.num_workers=1",
+            "eval.every=0",
+        ],
+    )
 
 
 def gendist_rate(cfg) -> float:
@@ -64,8 +76,11 @@ def bare_rate(cfg, batches: list[torch.Tensor], device: torch.device, fused_adam
     betas, fused = tuple(cfg.optim.betas), fused_adam or None
     opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.optim.lr_g, betas=betas, fused=fused)
     opt_d = torch.optim.Adam(critic.parameters(), lr=cfg.optim.lr_d, betas=betas, fused=fused)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.train.mixed_precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if cfg.train.mixed_precision == "bf16"
+        else contextlib.nullcontext()
+    )
     wasserstein, n_critic, batch = cfg.model.name == "wgan_gp", cfg.loss.n_critic, cfg.data.batch_size
     warmup_steps, started = cfg.train.log_every, 0.0
     for step in range(cfg.train.steps):
@@ -139,8 +154,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{platform.machine()} CPU"
-    print(f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
-          f"precision {args.precision}, {args.rounds} rounds")
+    print(
+        f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
+        f"precision {args.precision}, {args.rounds} rounds"
+    )
     print("| family | bare loop images/s | gendist images/s | gendist vs bare |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for family in args.families:
@@ -150,10 +167,14 @@ def main() -> None:
             bare, ours = [], []
             for round_index in range(args.rounds):
                 bare.append(bare_rate(probe, batches, device))
-                ours.append(gendist_rate(family_config(family, args, Path(work) / f"{family}-{round_index}", log_every)))
+                ours.append(
+                    gendist_rate(family_config(family, args, Path(work) / f"{family}-{round_index}", log_every))
+                )
             b, g = statistics.median(bare), statistics.median(ours)
             print(f"| {family} | {b:.1f} | {g:.1f} | {g / b:.3f} ({(1 - g / b) * 100:+.1f}% slower) |", flush=True)
-            print(f"  rounds: bare {', '.join(f'{r:.1f}' for r in bare)}; gendist {', '.join(f'{r:.1f}' for r in ours)}")
+            print(
+                f"  rounds: bare {', '.join(f'{r:.1f}' for r in bare)}; gendist {', '.join(f'{r:.1f}' for r in ours)}"
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ optimizer) on the embedded synthetic faces at 64x64 in fp32, through the real en
 -m gendist.train` for 2. images/s counts real images consumed (n_critic batches per generator
 step), over all ranks, from metrics.jsonl, leaving out the first logging window (start-up).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,16 +24,29 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = {"dcgan": "dcgan_celeba64", "wgan": "wgan_clip_celeba64", "wgan_gp": "wgan_gp_celeba64",
-           "cgan": "cgan_celeba64", "vae": "vae_celeba64"}
+PRESETS = {
+    "dcgan": "dcgan_celeba64",
+    "wgan": "wgan_clip_celeba64",
+    "wgan_gp": "wgan_gp_celeba64",
+    "cgan": "cgan_celeba64",
+    "vae": "vae_celeba64",
+}
 
 
 def run(family: str, processes: int, steps: int, batch: int, work: Path) -> float:
     run_dir = work / f"{family}-{processes}"
-    overrides = [f"train.run_dir={run_dir}", f"train.steps={steps}", f"train.log_every={max(1, steps // 5)}",
-                 "train.sample_every=100000", "train.checkpoint_every=100000", "train.mixed_precision=no",
-                 "data.shards=synthetic", f"data.cache_dir={work / 'cache'}", f"data.batch_size={batch}",
-                 "data.num_workers=1"]
+    overrides = [
+        f"train.run_dir={run_dir}",
+        f"train.steps={steps}",
+        f"train.log_every={max(1, steps // 5)}",
+        "train.sample_every=100000",
+        "train.checkpoint_every=100000",
+        "train.mixed_precision=no",
+        "data.shards=synthetic",
+        f"data.cache_dir={work / 'cache'}",
+        f"data.batch_size={batch}",
+        "data.num_workers=1",
+    ]
     if family == "cgan":
         overrides.append("model.attributes=[Male,Smiling,Blond_Hair,Eyeglasses]")
     entry = ["-m", "gendist.train", "--config", str(REPO / "configs" / f"{PRESETS[family]}.yaml"), *overrides]
@@ -42,9 +56,18 @@ def run(family: str, processes: int, steps: int, batch: int, work: Path) -> floa
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-               str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(port), *entry]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(2 // processes)})
+        cmd = [
+            str(Path(sys.executable).parent / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "launch" / "cpu_2proc.yaml"),
+            "--main_process_port",
+            str(port),
+            *entry,
+        ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(2 // processes)}
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{family} x{processes} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
@@ -57,8 +80,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--families", nargs="*", default=list(PRESETS))
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; batch {args.batch}/rank; "
-          f"{args.steps} steps")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; batch {args.batch}/rank; "
+        f"{args.steps} steps"
+    )
     print("| family | 1 process images/s | 2 processes images/s | 2 vs 1 |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as work:
         for family in args.families:

@@ -11,6 +11,7 @@ set less the resident set just before the networks were built, so the Python, to
 runtime common to every backend is left out. Ratios are against DDP from the same command. Eval is
 off.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,7 @@ def worker(out: Path, overrides: list[str]) -> None:
     import torch
     import torch.distributed as torch_dist
 
-    from gendist import dist
+    from gendist import distributed
     from gendist.config import load_config
     from gendist.training import common
     from gendist.training.loop import train
@@ -75,10 +76,10 @@ def worker(out: Path, overrides: list[str]) -> None:
     result = train(load_config(None, overrides))
     peaks["with_save"] = peak()
     params = sum(p.numel() for net in (result["generator"], result["discriminator"]) for p in net.parameters())
-    kind = ("cuda max_memory_allocated" if on_gpu else "peak RSS less the RSS before the networks were built")
+    kind = "cuda max_memory_allocated" if on_gpu else "peak RSS less the RSS before the networks were built"
     rank = torch_dist.get_rank()
     (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, **peaks, "kind": kind, "params": params}))
-    dist.shutdown()
+    distributed.shutdown()
 
 
 def run_backend(backend: str, args: argparse.Namespace, shards: str, scratch: Path) -> list[dict]:
@@ -87,14 +88,34 @@ def run_backend(backend: str, args: argparse.Namespace, shards: str, scratch: Pa
     config = LAUNCH_CONFIGS[backend]
     if args.gpu and backend == "ddp":
         config = "multi_gpu.yaml"
-    overrides = [f"model.ngf={args.ngf}", f"model.ndf={args.ngf}", f"model.image_size={args.image_size}",
-                 f"data.batch_size={args.batch_size}", f"train.steps={args.steps}", f"train.run_dir={out / 'run'}",
-                 f"data.shards={shards}", "data.num_workers=1", "train.log_every=1", "eval.every=0",
-                 f"train.mixed_precision={args.precision}"]
+    overrides = [
+        f"model.ngf={args.ngf}",
+        f"model.ndf={args.ngf}",
+        f"model.image_size={args.image_size}",
+        f"data.batch_size={args.batch_size}",
+        f"train.steps={args.steps}",
+        f"train.run_dir={out / 'run'}",
+        f"data.shards={shards}",
+        "data.num_workers=1",
+        "train.log_every=1",
+        "eval.every=0",
+        f"train.mixed_precision={args.precision}",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch" / config),
-           "--num_processes", str(args.processes), "--main_process_port", str(args.port),
-           __file__, "--worker", str(out), *overrides]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(REPO / "launch" / config),
+        "--num_processes",
+        str(args.processes),
+        "--main_process_port",
+        str(args.port),
+        __file__,
+        "--worker",
+        str(out),
+        *overrides,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     ranks = sorted(out.glob("rank*.json"))
     if proc.returncode != 0 or len(ranks) != args.processes:
@@ -105,7 +126,7 @@ def run_backend(backend: str, args: argparse.Namespace, shards: str, scratch: Pa
 def main() -> None:
     if "--worker" in sys.argv:
         index = sys.argv.index("--worker")
-        worker(Path(sys.argv[index + 1]), sys.argv[index + 2:])
+        worker(Path(sys.argv[index + 1]), sys.argv[index + 2 :])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ngf", type=int, default=256, help="generator and discriminator width (ndf = ngf)")
@@ -124,18 +145,25 @@ def main() -> None:
         for backend in args.backends.split(","):
             results[backend] = run_backend(backend, args, args.shards, Path(scratch))
     first = next(iter(results.values()))[0]
-    print(f"DCGAN ngf=ndf={args.ngf}, {args.image_size}px, {first['params']:,} parameters (G + D), "
-          f"{args.processes} ranks, batch {args.batch_size}/rank, precision {args.precision}; per rank, MiB: "
-          f"{first['kind']}, over steps 2..{args.steps} and then with the final checkpoint")
+    print(
+        f"DCGAN ngf=ndf={args.ngf}, {args.image_size}px, {first['params']:,} parameters (G + D), "
+        f"{args.processes} ranks, batch {args.batch_size}/rank, precision {args.precision}; per rank, MiB: "
+        f"{first['kind']}, over steps 2..{args.steps} and then with the final checkpoint"
+    )
     baseline = next(iter(results))
-    worst = {backend: {key: max(r[key] for r in ranks) for key in ("steps", "with_save")}
-             for backend, ranks in results.items()}
+    worst = {
+        backend: {key: max(r[key] for r in ranks) for key in ("steps", "with_save")}
+        for backend, ranks in results.items()
+    }
     for backend, ranks in results.items():
         steps = ", ".join(f"{r['steps'] / 2**20:.0f}" for r in ranks)
-        print(f"  {backend:6s} steps: {steps} (max {worst[backend]['steps'] / 2**20:.0f}, "
-              f"{worst[backend]['steps'] / worst[baseline]['steps']:.2f} x {baseline})   "
-              f"with the checkpoint: max {worst[backend]['with_save'] / 2**20:.0f} "
-              f"({worst[backend]['with_save'] / worst[baseline]['with_save']:.2f} x {baseline})")
+        print(
+            f"  {backend:6s} steps: {steps} (max {worst[backend]['steps'] / 2**20:.0f}, "
+            f"{worst[backend]['steps'] / worst[baseline]['steps']:.2f} x {baseline})   "
+            f"with the checkpoint: max {worst[backend]['with_save'] / 2**20:.0f} "
+            f"({worst[backend]['with_save'] / worst[baseline]['with_save']:.2f} x {baseline})"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,7 @@ partial folder, which the next save removes). Old checkpoints are pruned by rena
 the way first, so no half-deleted folder keeps a final name. Loading uses
 torch.load(weights_only=True): no pickled code runs from a checkpoint.
 """
+
 from __future__ import annotations
 
 import errno
@@ -66,8 +67,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: str | Path, step: int, shared: dict[str, Any], keep: int,
-                    write_sharded: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    run_dir: str | Path,
+    step: int,
+    shared: dict[str, Any],
+    keep: int,
+    write_sharded: Callable[[Path], None] | None = None,
+) -> Path:
     """Collective: every rank must call it. `shared` is written by rank 0; RNG by every rank, and
     `write_sharded(folder)` (collective too) by every rank into the same unfinished folder."""
     root = checkpoint_root(run_dir)
@@ -161,11 +168,15 @@ def safe_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's message advises weights_only=False, i.e. running the file's code: name the culprit only
-        culprit = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line),
-                       "an unsupported object")
-        raise CheckpointError(f"{path} is refused: it holds pickled objects other than tensors and plain "
-                              f"containers, which could run code when loaded ({culprit}); gendist loads only "
-                              "checkpoints of its own format") from None
+        culprit = next(
+            (line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "global" in line),
+            "an unsupported object",
+        )
+        raise CheckpointError(
+            f"{path} is refused: it holds pickled objects other than tensors and plain "
+            f"containers, which could run code when loaded ({culprit}); gendist loads only "
+            "checkpoints of its own format"
+        ) from None
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:

@@ -1,4 +1,5 @@
 """The `gendist` command: train, shards (dataset conversion), eval, fid-stats, compare and sweep."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,10 +15,18 @@ from gendist.data.synthetic import SyntheticFacesSource
 def _shard_options(parser: argparse.ArgumentParser, crop_fraction: float) -> None:
     parser.add_argument("--out", required=True, help="output folder for the tar shards and manifest.json")
     parser.add_argument("--size", type=int, default=64, help="square output size in pixels (default 64)")
-    parser.add_argument("--crop-fraction", type=float, default=crop_fraction,
-                        help=f"side of the centre square crop as a fraction of the shorter side (default {crop_fraction:.4f})")
-    parser.add_argument("--encoding", choices=["raw", "jpeg", "png"], default="raw",
-                        help="raw: blocks of uint8 arrays, fastest to read (default); jpeg/png: one image per sample, smaller")
+    parser.add_argument(
+        "--crop-fraction",
+        type=float,
+        default=crop_fraction,
+        help=f"side of the centre square crop as a fraction of the shorter side (default {crop_fraction:.4f})",
+    )
+    parser.add_argument(
+        "--encoding",
+        choices=["raw", "jpeg", "png"],
+        default="raw",
+        help="raw: blocks of uint8 arrays, fastest to read (default); jpeg/png: one image per sample, smaller",
+    )
     parser.add_argument("--images-per-sample", type=int, default=64, help="images per raw block (default 64)")
     parser.add_argument("--shard-size", type=int, default=4096, help="images per shard (default 4096)")
     parser.add_argument("--workers", type=int, default=None, help="conversion processes (default: all cores)")
@@ -42,20 +51,34 @@ def _shards(args: argparse.Namespace) -> int:
         source = FolderSource(args.src, args.val_fraction)
     else:
         source = SyntheticFacesSource(args.count, args.seed)
-    write_shards(source, args.out, Preprocess(args.size, args.crop_fraction), args.encoding,
-                 args.images_per_sample, args.shard_size, args.workers, args.seed)
+    write_shards(
+        source,
+        args.out,
+        Preprocess(args.size, args.crop_fraction),
+        args.encoding,
+        args.images_per_sample,
+        args.shard_size,
+        args.workers,
+        args.seed,
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gendist", description="Train and compare GANs and VAEs on CelebA.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train.add_train_arguments(commands.add_parser("train", help="train in one process (use accelerate launch for more)"))
+    train.add_train_arguments(
+        commands.add_parser("train", help="train in one process (use accelerate launch for more)")
+    )
 
     shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards, or verify a shard set")
     sources = shards.add_subparsers(dest="source", required=True)
     celeba = sources.add_parser("celeba", help="official CelebA layout: img_align_celeba/ or .zip plus the two lists")
-    celeba.add_argument("--src", required=True, help="folder holding img_align_celeba[.zip], list_attr_celeba.txt, list_eval_partition.txt")
+    celeba.add_argument(
+        "--src",
+        required=True,
+        help="folder holding img_align_celeba[.zip], list_attr_celeba.txt, list_eval_partition.txt",
+    )
     _shard_options(celeba, CELEBA_CROP_FRACTION)
     folder = sources.add_parser("folder", help="any folder of images (recursive), no attributes")
     folder.add_argument("--src", required=True)
@@ -67,9 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sources.add_parser("verify", help="check every shard against manifest.json (sha256, size, missing, extra)")
     verify.add_argument("shard_dir", metavar="DIR", help="a folder written by `gendist shards`")
 
-    evaluate.add_eval_arguments(commands.add_parser("eval", help="FID/KID (and VAE reconstruction error) of a run's checkpoint"))
-    evaluate.add_stats_arguments(commands.add_parser("fid-stats", help="compute and cache the real FID statistics ahead"))
-    sweep.add_sweep_arguments(commands.add_parser("sweep", help="a Ray Tune sweep scored by FID (local or on a Ray cluster)"))
+    evaluate.add_eval_arguments(
+        commands.add_parser("eval", help="FID/KID (and VAE reconstruction error) of a run's checkpoint")
+    )
+    evaluate.add_stats_arguments(
+        commands.add_parser("fid-stats", help="compute and cache the real FID statistics ahead")
+    )
+    sweep.add_sweep_arguments(
+        commands.add_parser("sweep", help="a Ray Tune sweep scored by FID (local or on a Ray cluster)")
+    )
     compare = commands.add_parser("compare", help="a Markdown report with table and figures over several runs")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--out", default="report", help="report folder (default: report/)")
@@ -78,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from gendist.report import write_report  # matplotlib loads only for this command
+    from gendist.comparison import write_report  # matplotlib loads only for this command
 
     print(f"wrote {write_report(args.run_dirs, args.out, args.title)}")
     return 0

@@ -3,6 +3,7 @@
 Every section is a small dataclass owned by one component; `RunConfig` composes them. Unknown keys
 and wrong types raise `ConfigError` naming the valid keys, so a typo never trains silently.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -159,19 +160,24 @@ class RunConfig:
         if ev.every < 0 or ev.num_real < 0 or ev.recon_images < 0:
             raise ConfigError("eval.every, eval.num_real and eval.recon_images must be >= 0")
         if ev.num_samples < 2 or ev.batch_size < 1 or ev.kid_subsets < 1 or ev.kid_subset_size < 2:
-            raise ConfigError("eval.num_samples and eval.kid_subset_size must be >= 2, eval.batch_size and "
-                              "eval.kid_subsets >= 1")
+            raise ConfigError(
+                "eval.num_samples and eval.kid_subset_size must be >= 2, eval.batch_size and eval.kid_subsets >= 1"
+            )
         from gendist.families import DECLARATIONS  # the registry imports this module
 
         name = self.model.name
         if name not in DECLARATIONS:
             raise ConfigError(f"'model.name' must be one of {', '.join(DECLARATIONS)}; got {name!r}")
         if name == "wgan_gp" and self.model.d_norm == "batch":
-            raise ConfigError("wgan_gp: batch norm mixes samples, so the per-sample gradient penalty is wrong with it; "
-                              "set model.d_norm=layer (or instance, none)")
+            raise ConfigError(
+                "wgan_gp: batch norm mixes samples, so the per-sample gradient penalty is wrong with it; "
+                "set model.d_norm=layer (or instance, none)"
+            )
         if name == "wgan_gp" and self.train.mixed_precision == "fp16":
-            raise ConfigError("wgan_gp with fp16 is refused: the penalty's double backward under a loss scaler is not "
-                              "supported here; use train.mixed_precision=bf16")
+            raise ConfigError(
+                "wgan_gp with fp16 is refused: the penalty's double backward under a loss scaler is not "
+                "supported here; use train.mixed_precision=bf16"
+            )
         if name == "cgan" and not self.model.attributes:
             raise ConfigError("cgan needs attributes to condition on, e.g. model.attributes=[Male,Smiling,Eyeglasses]")
 
@@ -259,7 +265,10 @@ def _merge(target: Any, values: dict[str, Any], prefix: str) -> None:
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise ConfigError(f"'{where}' is a section; give keys under it: {', '.join(f.name for f in dataclasses.fields(current))}")
+                raise ConfigError(
+                    f"'{where}' is a section; give keys under it: "
+                    f"{', '.join(f.name for f in dataclasses.fields(current))}"
+                )
             _merge(current, value, prefix=f"{where}.")
         else:
             setattr(target, key, _coerce(value, hints[key], where))

@@ -7,6 +7,7 @@ from the same launch config and keeps the Accelerator for everything else (proce
 reductions). ZeRO stages 1 and 2 only: parameters stay whole on every rank, which the generator
 EMA, the sample grids, the evaluator and plain-format checkpoints rely on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,35 +89,47 @@ def engine_config(settings: dict[str, Any], cfg: RunConfig, world_size: int) -> 
     zero = dict(config.get("zero_optimization", {}))
     stage = int(zero.get("stage", 0))
     if stage not in (1, 2):
-        raise ConfigError(f"DeepSpeed ZeRO stage {stage} is not supported: use stage 1 or 2 (launch/ds_zero1.yaml, "
-                          "launch/ds_zero2.yaml); stage 3 shards the parameters themselves, which the generator EMA, "
-                          "the sample grids and the evaluator read whole")
+        raise ConfigError(
+            f"DeepSpeed ZeRO stage {stage} is not supported: use stage 1 or 2 (launch/ds_zero1.yaml, "
+            "launch/ds_zero2.yaml); stage 3 shards the parameters themselves, which the generator EMA, "
+            "the sample grids and the evaluator read whole"
+        )
     if cfg.model.name == "wgan":
-        raise ConfigError("wgan (weight clipping) under DeepSpeed is refused: ZeRO keeps the fp32 master weights in "
-                          "optimizer shards, so clipping the model's parameters would be undone at the next step; "
-                          "use wgan_gp, or the plain backend (launch/multi_gpu.yaml) for wgan")
+        raise ConfigError(
+            "wgan (weight clipping) under DeepSpeed is refused: ZeRO keeps the fp32 master weights in "
+            "optimizer shards, so clipping the model's parameters would be undone at the next step; "
+            "use wgan_gp, or the plain backend (launch/multi_gpu.yaml) for wgan"
+        )
     if cfg.train.mixed_precision == "fp16":
-        raise ConfigError("train.mixed_precision=fp16 under DeepSpeed is refused: DeepSpeed's fp16 mode keeps fp16 "
-                          "weights (the generator EMA and the plain checkpoints need fp32), and its autocast mode has "
-                          "no loss scaler with ZeRO; use train.mixed_precision=bf16")
+        raise ConfigError(
+            "train.mixed_precision=fp16 under DeepSpeed is refused: DeepSpeed's fp16 mode keeps fp16 "
+            "weights (the generator EMA and the plain checkpoints need fp32), and its autocast mode has "
+            "no loss scaler with ZeRO; use train.mixed_precision=bf16"
+        )
     accumulation = config.get("gradient_accumulation_steps", 1)
     if accumulation not in (1, "auto"):
-        raise ConfigError(f"gradient_accumulation_steps={accumulation} in the DeepSpeed config: gendist takes one "
-                          "optimizer step per batch (grow data.batch_size instead); set it to 1 or auto")
+        raise ConfigError(
+            f"gradient_accumulation_steps={accumulation} in the DeepSpeed config: gendist takes one "
+            "optimizer step per batch (grow data.batch_size instead); set it to 1 or auto"
+        )
     if zero.get("offload_optimizer", {}).get("device") not in (None, "none"):
-        raise ConfigError("ZeRO optimizer offload is not supported: gendist's optimizers are torch's (optim.name), "
-                          "and DeepSpeed offloads only its own CPU Adam; set offload_optimizer_device: none")
+        raise ConfigError(
+            "ZeRO optimizer offload is not supported: gendist's optimizers are torch's (optim.name), "
+            "and DeepSpeed offloads only its own CPU Adam; set offload_optimizer_device: none"
+        )
     for unused in ("offload_optimizer", "offload_param", "stage3_gather_16bit_weights_on_model_save"):
         zero.pop(unused, None)  # Accelerate writes them empty; stages 1 and 2 have no use for them
-    config.update({
-        "zero_optimization": zero,
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": cfg.data.batch_size * world_size,
-        # torch's own optimizers (build_optimizer) are wrapped by ZeRO; RMSprop is not on its list
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**62,
-    })
+    config.update(
+        {
+            "zero_optimization": zero,
+            "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": cfg.data.batch_size * world_size,
+            # torch's own optimizers (build_optimizer) are wrapped by ZeRO; RMSprop is not on its list
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**62,
+        }
+    )
     if config.get("gradient_clipping") == "auto":
         config.pop("gradient_clipping")
     if cfg.train.mixed_precision == "bf16":
@@ -193,7 +206,8 @@ def save_engines(engines: dict[str, Any], folder: Path) -> None:
 
 def load_engines(engines: dict[str, Any], folder: Path) -> None:
     for name, engine in engines.items():
-        loaded, _ = engine.load_checkpoint(str(folder), tag=name, load_module_strict=True,
-                                           load_optimizer_states=True, load_lr_scheduler_states=False)
+        loaded, _ = engine.load_checkpoint(
+            str(folder), tag=name, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed state for '{name}' in {folder}")

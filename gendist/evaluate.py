@@ -7,13 +7,14 @@
 The run's own config.yaml defines model, data and protocol; `eval.*` overrides change the
 protocol (e.g. eval.inception_weights=/models/pt_inception-2015-12-05-6726825d.pth).
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from gendist import dist, families
+from gendist import distributed, families
 from gendist.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from gendist.config import ConfigError, load_config, parse_args_with_overrides
 from gendist.data.shards import read_manifest
@@ -27,7 +28,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder (holds config.yaml and checkpoints/)")
     parser.add_argument("--checkpoint", help="a checkpoint folder to score instead of the latest")
     parser.add_argument("--num-samples", type=int, help="generated images (eval.num_samples)")
-    parser.add_argument("overrides", nargs="*", metavar="eval.key=value", help="protocol overrides, e.g. eval.split=val")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="eval.key=value", help="protocol overrides, e.g. eval.split=val"
+    )
 
 
 def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,16 +44,20 @@ def evaluate_run(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / "config.yaml", overrides)
     checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
     if checkpoint is None or not (checkpoint / "state.pt").is_file():
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}" if checkpoint is None
-                                else f"{checkpoint} is not a complete checkpoint (no state.pt)")
-    accelerator = dist.build_accelerator("no")
+        raise FileNotFoundError(
+            f"no complete checkpoint in {run_dir / 'checkpoints'}"
+            if checkpoint is None
+            else f"{checkpoint} is not a complete checkpoint (no state.pt)"
+        )
+    accelerator = distributed.build_accelerator("no")
     shard_dir = resolve_shards(cfg, accelerator)
     shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
     family = families.declare(FamilyInputs(cfg, read_manifest(shard_dir)["attribute_names"]))
     sampling = sampling_from_checkpoint(family, shared, accelerator.device)
     state = shared["train_state"]
-    row = Evaluator(cfg, accelerator, shard_dir).evaluate(sampling.generate, state["step"], sampling.label,
-                                                          sampling.reconstruct)
+    row = Evaluator(cfg, accelerator, shard_dir).evaluate(
+        sampling.generate, state["step"], sampling.label, sampling.reconstruct
+    )
     row.update(images_seen=state["images_seen"], source="gendist eval", checkpoint=str(checkpoint))
     if accelerator.is_main_process:
         append_row(run_dir, row)
@@ -61,22 +68,26 @@ def evaluate_run(args: argparse.Namespace) -> int:
 
 def build_reference(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    accelerator = dist.build_accelerator("no")
+    accelerator = distributed.build_accelerator("no")
     evaluator = Evaluator(cfg, accelerator, resolve_shards(cfg, accelerator))
     reference = evaluator.reference()
-    dist.rank_print(accelerator, f"FID reference of {reference.count} '{cfg.eval.split}' images: {reference.path}")
+    distributed.rank_print(
+        accelerator, f"FID reference of {reference.count} '{cfg.eval.split}' images: {reference.path}"
+    )
     return 0
 
 
 def run(command, args: argparse.Namespace) -> int:
-    """Run `command` with user mistakes reported in one line (dist.run_on_every_rank)."""
-    return dist.run_on_every_rank(lambda: command(args), (ConfigError, InceptionWeightsError, FileNotFoundError,
-                                                          ValueError, CheckpointError))
+    """Run `command` with user mistakes reported in one line (distributed.run_on_every_rank)."""
+    return distributed.run_on_every_rank(
+        lambda: command(args), (ConfigError, InceptionWeightsError, FileNotFoundError, ValueError, CheckpointError)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gendist.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gendist.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_eval_arguments(parser)
     return run(evaluate_run, parse_args_with_overrides(parser, argv))
 

@@ -1,7 +1,8 @@
 """Graceful stop on SIGUSR1 (SLURM's time-limit warning), SIGTERM (preemption, scancel, a
 launcher shutting down) and SIGINT (Ctrl-C): the handler only records the request; the training
-loop finishes its step, the ranks agree to stop (dist.any_rank), and the run checkpoints and
+loop finishes its step, the ranks agree to stop (distributed.any_rank), and the run checkpoints and
 returns. Relaunching with the same run folder resumes from that checkpoint."""
+
 from __future__ import annotations
 
 import multiprocessing

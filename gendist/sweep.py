@@ -8,6 +8,7 @@ sampled values as config overrides: there is no second training loop. The trial 
 evaluation row the run writes (eval.jsonl) to Tune together with the training checkpoint of that
 step, which is what ASHA stops on, PBT copies between trials, and a restored sweep resumes from.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gendist.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoint
-from gendist.config import ConfigError, RunConfig, load_config, load_into, parse_args_with_overrides, to_yaml
-from gendist.reporting import drop_rows_after
+from gendist.config import ConfigError, load_config, load_into, parse_args_with_overrides, to_yaml
+from gendist.progress import drop_rows_after
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
@@ -84,7 +85,9 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: 'space' is empty; give at least one config key to search")
     for key, spec in sweep.space.items():
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-            raise ConfigError(f"space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-5, 1e-3]}}")
+            raise ConfigError(
+                f"space.{key}: give exactly one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1e-5, 1e-3]}}"
+            )
         kind, args = next(iter(spec.items()))
         example = args[0] if isinstance(args, list) and args else args
         load_config(sweep.base, [*sweep.overrides, f"{key}={json.dumps(example)}"])  # a bad key fails here, named
@@ -98,10 +101,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 def search_space(space: dict[str, Any]) -> dict[str, Any]:
     from ray import tune
 
-    builders = {"loguniform": lambda a: tune.loguniform(float(a[0]), float(a[1])),
-                "uniform": lambda a: tune.uniform(float(a[0]), float(a[1])),
-                "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
-                "choice": tune.choice, "grid": tune.grid_search}
+    builders = {
+        "loguniform": lambda a: tune.loguniform(float(a[0]), float(a[1])),
+        "uniform": lambda a: tune.uniform(float(a[0]), float(a[1])),
+        "randint": lambda a: tune.randint(int(a[0]), int(a[1])),
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
     return {key: builders[kind](args) for key, spec in space.items() for kind, args in spec.items()}
 
 
@@ -133,13 +139,21 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     if restored is not None:
         with restored.as_directory() as folder:
             start_step = _install_checkpoint(Path(folder), run_dir)
-    overrides = [*plan.overrides, *(f"{key}={json.dumps(value)}" for key, value in config.items()),
-                 f"train.run_dir={run_dir}"]
+    overrides = [
+        *plan.overrides,
+        *(f"{key}={json.dumps(value)}" for key, value in config.items()),
+        f"train.run_dir={run_dir}",
+    ]
     cfg = load_config(plan.base, overrides)  # a bad combination fails the trial here, recorded by Tune
     with (trial_dir / "launches.log").open("a") as launches:
         launches.write(json.dumps({"time": time.time(), "from_step": start_step}) + "\n")
     if plan.workers > 1:
-        launcher = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(plan.workers)]
+        launcher = [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            str(plan.workers),
+        ]
     else:
         launcher = [sys.executable]
     eval_log = run_dir / "eval.jsonl"
@@ -149,8 +163,13 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     drop_rows_after(run_dir / "metrics.jsonl", start_step)
     reported = start_step
     with (trial_dir / "train.log").open("a") as log:
-        proc = subprocess.Popen([*launcher, "-m", "gendist.train", "--config", plan.base, *overrides], cwd=plan.workdir,
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(
+            [*launcher, "-m", "gendist.train", "--config", plan.base, *overrides],
+            cwd=plan.workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
         try:
             while True:
                 finished = proc.poll() is not None
@@ -164,12 +183,16 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
                 proc.wait(timeout=60)
     if proc.returncode != 0:
         tail = (trial_dir / "train.log").read_text().splitlines()[-25:]
-        raise RuntimeError(f"training exited with {proc.returncode}; last lines of {trial_dir / 'train.log'}:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"training exited with {proc.returncode}; last lines of {trial_dir / 'train.log'}:\n" + "\n".join(tail)
+        )
     latest = latest_checkpoint(run_dir)
     reached = checkpoint_step(latest) if latest is not None else 0
     if reached < cfg.train.steps:  # a stop signal from outside Tune (e.g. SLURM's SIGTERM to every process)
-        raise RuntimeError(f"training stopped at step {reached} of {cfg.train.steps} on a signal; "
-                           "the trial is retried from its last reported checkpoint")
+        raise RuntimeError(
+            f"training stopped at step {reached} of {cfg.train.steps} on a signal; "
+            "the trial is retried from its last reported checkpoint"
+        )
 
 
 def _report_new_rows(eval_log: Path, reported: int, run_dir: Path, ranks: int, proc: subprocess.Popen) -> int:
@@ -178,16 +201,22 @@ def _report_new_rows(eval_log: Path, reported: int, run_dir: Path, ranks: int, p
     from ray import tune
 
     text = eval_log.read_text() if eval_log.is_file() else ""
-    for line in text[:text.rfind("\n") + 1].splitlines():
+    for line in text[: text.rfind("\n") + 1].splitlines():
         row = json.loads(line)
         if row.get("source") != "training" or row["step"] <= reported:
             continue
         folder = checkpoint_root(run_dir) / f"step_{row['step']:07d}"
         while not (folder / "state.pt").is_file() and proc.poll() is None:  # saved right after the evaluation
             time.sleep(0.2)
-        metrics = {"fid": row["fid"], "kid": row["kid"], "step": row["step"], "images_seen": row["images_seen"],
-                   "fid_samples": row["protocol"]["generated"], "inception": row["protocol"]["inception"],
-                   "ranks": ranks}
+        metrics = {
+            "fid": row["fid"],
+            "kid": row["kid"],
+            "step": row["step"],
+            "images_seen": row["images_seen"],
+            "fid_samples": row["protocol"]["generated"],
+            "inception": row["protocol"]["inception"],
+            "ranks": ranks,
+        }
         if (folder / "state.pt").is_file():
             (folder / "step.json").write_text(json.dumps({"step": row["step"]}))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
@@ -204,10 +233,16 @@ def build_tuner(sweep: SweepConfig, resume: bool):
     settings = sweep.sweep
     cfg = load_config(sweep.base, sweep.overrides)
     evaluations = -(-cfg.train.steps // cfg.eval.every)
-    plan = TrialPlan(sweep.base, (*sweep.overrides, f"train.checkpoint_every={cfg.eval.every}"), os.getcwd(),
-                     settings.workers_per_trial)
-    resources = {"cpu": settings.workers_per_trial * settings.cpus_per_worker,
-                 "gpu": settings.workers_per_trial * settings.gpus_per_worker}
+    plan = TrialPlan(
+        sweep.base,
+        (*sweep.overrides, f"train.checkpoint_every={cfg.eval.every}"),
+        os.getcwd(),
+        settings.workers_per_trial,
+    )
+    resources = {
+        "cpu": settings.workers_per_trial * settings.cpus_per_worker,
+        "gpu": settings.workers_per_trial * settings.gpus_per_worker,
+    }
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources)
     storage = str(Path(settings.storage_path).resolve())
     experiment = Path(storage) / settings.name
@@ -216,24 +251,33 @@ def build_tuner(sweep: SweepConfig, resume: bool):
             raise FileNotFoundError(f"no sweep to resume at {experiment}")
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True), experiment
     if settings.scheduler == "asha":
-        scheduler = ASHAScheduler(max_t=evaluations, grace_period=settings.grace_period,
-                                  reduction_factor=settings.reduction_factor)
+        scheduler = ASHAScheduler(
+            max_t=evaluations, grace_period=settings.grace_period, reduction_factor=settings.reduction_factor
+        )
     elif settings.scheduler == "pbt":
-        scheduler = PopulationBasedTraining(perturbation_interval=settings.perturbation_interval,
-                                            hyperparam_mutations=search_space(sweep.space))
+        scheduler = PopulationBasedTraining(
+            perturbation_interval=settings.perturbation_interval, hyperparam_mutations=search_space(sweep.space)
+        )
     else:
         scheduler = FIFOScheduler()
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(sweep.space),
-        tune_config=tune.TuneConfig(metric=settings.metric, mode="min", scheduler=scheduler,
-                                    num_samples=settings.num_samples,
-                                    max_concurrent_trials=settings.max_concurrent_trials or None),
-        run_config=tune.RunConfig(name=settings.name, storage_path=storage, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-                                  # PBT clones other trials' checkpoints: keep more of them
-                                  checkpoint_config=tune.CheckpointConfig(
-                                      num_to_keep=4 if settings.scheduler == "pbt" else 2)),
+        tune_config=tune.TuneConfig(
+            metric=settings.metric,
+            mode="min",
+            scheduler=scheduler,
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent_trials or None,
+        ),
+        run_config=tune.RunConfig(
+            name=settings.name,
+            storage_path=storage,
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+            # PBT clones other trials' checkpoints: keep more of them
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if settings.scheduler == "pbt" else 2),
+        ),
     )
     return tuner, experiment
 
@@ -243,23 +287,33 @@ def summarise(sweep: SweepConfig, results, experiment: Path) -> Path | None:
     metric = sweep.sweep.metric
     rows = []
     for result in results:
-        rows.append({"trial": Path(result.path).name, **result.config,
-                     metric: (result.metrics or {}).get(metric), "step": (result.metrics or {}).get("step"),
-                     "ranks": (result.metrics or {}).get("ranks", sweep.sweep.workers_per_trial),
-                     "error": str(result.error).splitlines()[0] if result.error else ""})
+        rows.append(
+            {
+                "trial": Path(result.path).name,
+                **result.config,
+                metric: (result.metrics or {}).get(metric),
+                "step": (result.metrics or {}).get("step"),
+                "ranks": (result.metrics or {}).get("ranks", sweep.sweep.workers_per_trial),
+                "error": str(result.error).splitlines()[0] if result.error else "",
+            }
+        )
     with (experiment / "trials.csv").open("w", newline="") as sink:
         writer = csv.DictWriter(sink, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
-        writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows)
+        writer.writerows(
+            {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows
+        )
     scored = [result for result in results if result.metrics and result.metrics.get(metric) is not None]
     if not scored:
         return None
     best = min(scored, key=lambda result: result.metrics[metric])
     cfg = load_config(sweep.base, [*sweep.overrides, *(f"{k}={json.dumps(v)}" for k, v in best.config.items())])
     cfg.train.run_dir = f"runs/{sweep.sweep.name}_best"
-    header = (f"# Best of sweep {sweep.sweep.name}: {metric} {best.metrics[metric]:.4f} at step {best.metrics['step']} "
-              f"({best.metrics['fid_samples']} samples, Inception {best.metrics['inception']}), trial "
-              f"{Path(best.path).name}.\n# Values found: {json.dumps(best.config)}\n")
+    header = (
+        f"# Best of sweep {sweep.sweep.name}: {metric} {best.metrics[metric]:.4f} at step {best.metrics['step']} "
+        f"({best.metrics['fid_samples']} samples, Inception {best.metrics['inception']}), trial "
+        f"{Path(best.path).name}.\n# Values found: {json.dumps(best.config)}\n"
+    )
     path = experiment / "best_config.yaml"
     path.write_text(header + to_yaml(cfg))
     return path
@@ -273,10 +327,16 @@ def run_sweep(args: argparse.Namespace) -> int:
     # Without an address a new local Ray starts here ("local": never a cluster that `ray start` left
     # on this machine); its dashboard listens on 127.0.0.1 only.
     started = time.perf_counter()
-    ray.init(address=address or "local", include_dashboard=sweep.sweep.dashboard if not address else None,
-             log_to_driver=False)
-    print(f"ray {'connected to ' + address if address else 'started locally'} in {time.perf_counter() - started:.1f} s; "
-          f"resources: {ray.cluster_resources()}", flush=True)
+    ray.init(
+        address=address or "local",
+        include_dashboard=sweep.sweep.dashboard if not address else None,
+        log_to_driver=False,
+    )
+    print(
+        f"ray {'connected to ' + address if address else 'started locally'} in {time.perf_counter() - started:.1f} s; "
+        f"resources: {ray.cluster_resources()}",
+        flush=True,
+    )
     try:
         tuner, experiment = build_tuner(sweep, args.resume)
         results = tuner.fit()
@@ -291,14 +351,17 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="sweep YAML (see configs/sweeps/)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)"
+    )
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sweep.num_samples=32 overrides=[...]")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gendist.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gendist.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_sweep_arguments(parser)
     return run_sweep(parse_args_with_overrides(parser, argv))
 

@@ -1,15 +1,16 @@
 """Training entry point, the same under every launcher:
 
-    accelerate launch -m gendist.train --config configs/dcgan_celeba64.yaml optim.lr_g=1e-4
-    torchrun --nproc_per_node 8 -m gendist.train --config configs/dcgan_celeba64.yaml
-    gendist train --config configs/dcgan_default.yaml          (one process)
+accelerate launch -m gendist.train --config configs/dcgan_celeba64.yaml optim.lr_g=1e-4
+torchrun --nproc_per_node 8 -m gendist.train --config configs/dcgan_celeba64.yaml
+gendist train --config configs/dcgan_default.yaml          (one process)
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import dist
+from gendist import distributed
 from gendist.checkpoint import CheckpointError
 from gendist.config import ConfigError, load_config, parse_args_with_overrides, to_yaml
 from gendist.eval.inception import InceptionWeightsError
@@ -20,7 +21,9 @@ from gendist.training.loop import train as train_family
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="experiment YAML (see configs/); defaults apply without one")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr_g=1e-4 train.steps=500")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="e.g. optim.lr_g=1e-4 train.steps=500"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,11 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     # Said in one line: refusals at set-up (ConfigError), missing FID weights with eval.every > 0
     # (said at start-up), unreadable checkpoints, and a run that diverged.
-    return dist.run_on_every_rank(train, (ConfigError, InceptionWeightsError, CheckpointError, Diverged))
+    return distributed.run_on_every_rank(train, (ConfigError, InceptionWeightsError, CheckpointError, Diverged))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gendist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="gendist.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_train_arguments(parser)
     return run(parse_args_with_overrides(parser, argv))
 

@@ -1,4 +1,5 @@
 """Shared fixtures: a fake CelebA in the official layout (folder and zip), tiny shard sets, configs."""
+
 from __future__ import annotations
 
 import os
@@ -17,20 +18,72 @@ from PIL import Image
 from gendist.data.shards import Preprocess, write_shards
 from gendist.data.synthetic import SyntheticFacesSource
 
-ATTRS = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
-         "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
-         "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
-         "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
-         "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
-         "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young"]
+ATTRS = [
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
+]
 REPO = Path(__file__).parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["model.image_size=32", "model.ngf=8", "model.ndf=8", "data.batch_size=8", "data.num_workers=1",
-        "data.shuffle_pool=64", "train.log_every=2", "train.sample_every=1000", "train.checkpoint_every=1000",
-        "train.num_samples=16"]
+TINY = [
+    "model.image_size=32",
+    "model.ngf=8",
+    "model.ndf=8",
+    "data.batch_size=8",
+    "data.num_workers=1",
+    "data.shuffle_pool=64",
+    "train.log_every=2",
+    "train.sample_every=1000",
+    "train.checkpoint_every=1000",
+    "train.num_samples=16",
+]
 # FID/KID with a seeded random Inception on a few dozen images: the protocol, not the number
-RANDOM_EVAL = ["eval.inception_weights=random", "eval.num_samples=24", "eval.num_real=24", "eval.batch_size=8",
-               "eval.kid_subsets=5", "eval.kid_subset_size=12", "eval.recon_images=16"]
+RANDOM_EVAL = [
+    "eval.inception_weights=random",
+    "eval.num_samples=24",
+    "eval.num_real=24",
+    "eval.batch_size=8",
+    "eval.kid_subsets=5",
+    "eval.kid_subset_size=12",
+    "eval.recon_images=16",
+]
 
 
 def free_port() -> int:
@@ -39,7 +92,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_fake_celeba(root: Path, present: int = 30, listed: int = 36, as_zip: bool = False, corrupt: tuple[int, ...] = ()) -> dict:
+def make_fake_celeba(
+    root: Path, present: int = 30, listed: int = 36, as_zip: bool = False, corrupt: tuple[int, ...] = ()
+) -> dict:
     """Images 1..present exist (official names); the partition lists 1..listed; the attribute
     header claims the full dataset's 202599 rows. Files use CRLF like the official ones."""
     rng = np.random.default_rng(0)
@@ -84,8 +139,15 @@ def fresh_accelerate_state():
 def synthetic_shards(tmp_path_factory) -> Path:
     """256 synthetic faces at 32 px in uneven shards (100, 100, 31 train images)."""
     out = tmp_path_factory.mktemp("synthetic") / "shards"
-    write_shards(SyntheticFacesSource(256), out, Preprocess(32), images_per_sample=16, shard_size=100, workers=2,
-                 show_progress=False)
+    write_shards(
+        SyntheticFacesSource(256),
+        out,
+        Preprocess(32),
+        images_per_sample=16,
+        shard_size=100,
+        workers=2,
+        show_progress=False,
+    )
     return out
 
 
@@ -105,8 +167,9 @@ def assert_same_run(reference: dict, resumed: dict) -> None:
     and each checkpoint averages them across ranks: a stop's extra checkpoint averages them once
     more, which by linearity changes them only by float rounding (measured: 1e-7 relative)."""
     running = [name for name in reference if ".running_" in name]
-    assert_same_weights({k: v for k, v in reference.items() if k not in running},
-                        {k: v for k, v in resumed.items() if k not in running})
+    assert_same_weights(
+        {k: v for k, v in reference.items() if k not in running}, {k: v for k, v in resumed.items() if k not in running}
+    )
     for name in running:
         torch.testing.assert_close(resumed[name], reference[name], rtol=1e-5, atol=1e-9)
 
@@ -124,15 +187,26 @@ def assert_ranks_agree(out: Path, families: list[str], proc: subprocess.Complete
         assert (out / family / "samples" / f"step_{samples_at:07d}.png").exists()
 
 
-def launch(kind: str, out: Path, overrides: list[str], script: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+def launch(
+    kind: str, out: Path, overrides: list[str], script: list[str], timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Start 2 real processes on CPU: accelerate (DDP), deepspeed (accelerate with the ZeRO-2 config)
     or torchrun; the log goes to out/<kind>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     port = str(free_port())
     if kind in ("accelerate", "deepspeed"):
         config = "cpu_2proc.yaml" if kind == "accelerate" else "ds_zero2.yaml"
-        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(REPO / "launch" / config),
-               "--num_processes", "2", "--main_process_port", port, *script]
+        cmd = [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(REPO / "launch" / config),
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            port,
+            *script,
+        ]
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, *script]
     proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,11 +1,12 @@
 """Train the named families (comma-separated, or all) a few steps in one launch, one after the other,
 saving this rank's weights per family."""
+
 import sys
 
 import torch
 import torch.distributed as torch_dist
 
-from gendist import dist
+from gendist import distributed
 from gendist.config import load_config
 from gendist.training.loop import train
 
@@ -27,4 +28,4 @@ for family, extra in families.items():
     rank = torch_dist.get_rank() if torch_dist.is_initialized() else 0
     world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
     torch.save({"world_size": world, **weights}, f"{out_dir}/{family}-rank{rank}.pt")
-dist.shutdown()
+distributed.shutdown()

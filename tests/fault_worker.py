@@ -5,6 +5,7 @@
 KIND is `step` (the training step raises at STEP) or `loader` (a loader worker's stream raises
 after STEP batches).
 """
+
 import os
 import sys
 

@@ -3,7 +3,7 @@ import json
 import yaml
 
 from gendist.cli import main as gendist_main
-from gendist.reporting import Reporter
+from gendist.progress import Reporter
 
 
 def test_dry_run_prints_the_resolved_config(capsys):

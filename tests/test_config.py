@@ -80,16 +80,27 @@ def test_shipped_configs_load():
         load_config(path)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lr_g=-1e-4", "optim.lr_g"), ("optim.lr_d=nan", "optim.lr_d"), ("optim.lr_g=inf", "optim.lr_g"),
-    ("loss.gp_weight=-10", "loss.gp_weight"), ("model.ngf=0", "model.ngf"), ("model.z_dim=0", "model.z_dim"),
-    ("model.ndf=0", "model.ndf"), ("optim.betas=[1.0, 0.9]", "optim.betas"), ("vae.beta=-1", "vae.beta"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr_g=-1e-4", "optim.lr_g"),
+        ("optim.lr_d=nan", "optim.lr_d"),
+        ("optim.lr_g=inf", "optim.lr_g"),
+        ("loss.gp_weight=-10", "loss.gp_weight"),
+        ("model.ngf=0", "model.ngf"),
+        ("model.z_dim=0", "model.z_dim"),
+        ("model.ndf=0", "model.ndf"),
+        ("optim.betas=[1.0, 0.9]", "optim.betas"),
+        ("vae.beta=-1", "vae.beta"),
+    ],
+)
 def test_impossible_numbers_are_config_errors_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(None, [override])
 
 
 def test_an_unknown_family_lists_the_registered_ones():
-    with pytest.raises(ConfigError, match=r"'model.name' must be one of gan, dcgan, cgan, wgan, wgan_gp, vae; got 'stylegan'"):
+    with pytest.raises(
+        ConfigError, match=r"'model.name' must be one of gan, dcgan, cgan, wgan, wgan_gp, vae; got 'stylegan'"
+    ):
         load_config(None, ["model.name=stylegan"])

@@ -1,12 +1,13 @@
 """The DeepSpeed backend on 2 real CPU processes (gloo): one ZeRO-2 engine per network, identical
 weights on every rank, exact resume from sharded checkpoints, plain-format weights for evaluation,
 and the combinations it refuses. (The gradient penalty under ZeRO-2: test_families.py.)"""
+
 import shutil
 
 import pytest
 import torch
-
 from conftest import RANDOM_EVAL, REPO, assert_ranks_agree, assert_same_run, assert_same_weights, launch
+
 from gendist.checkpoint import list_checkpoints, load_checkpoint
 from gendist.cli import main as cli_main
 from gendist.config import ConfigError, load_config
@@ -22,16 +23,24 @@ WORKER = str(REPO / "tests" / "family_worker.py")
 def test_zero2_families_train_identically_on_2_ranks_and_resume_exactly(tiny_overrides, tmp_path):
     """bf16 (DeepSpeed's torch autocast) for four families in one ZeRO-2 launch; then DCGAN and VAE
     resume from the step-2 checkpoint of that launch and must end bit-identical to it."""
-    common = [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2", "train.sample_every=4",
-              "train.mixed_precision=bf16"]
+    common = [
+        *tiny_overrides,
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.sample_every=4",
+        "train.mixed_precision=bf16",
+    ]
     straight = tmp_path / "straight"
     straight.mkdir()
-    proc = launch("deepspeed", straight, common, [WORKER, str(straight), "dcgan,wgan_gp,cgan,vae"])
-    assert_ranks_agree(straight, ["dcgan", "wgan_gp", "cgan", "vae"], proc, samples_at=4)
+    proc = launch("deepspeed", straight, common, [WORKER, str(straight), "gan,dcgan,wgan_gp,cgan,vae"])
+    assert_ranks_agree(straight, ["gan", "dcgan", "wgan_gp", "cgan", "vae"], proc, samples_at=4)
     checkpoint = list_checkpoints(straight / "dcgan")[-1]
     shards = sorted(p.name for p in (checkpoint / "deepspeed" / "discriminator").iterdir())
-    assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                      "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert shards == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
     assert '"gradient_penalty"' in (straight / "wgan_gp" / "metrics.jsonl").read_text()
 
     resumed = tmp_path / "resumed"
@@ -44,7 +53,10 @@ def test_zero2_families_train_identically_on_2_ranks_and_resume_exactly(tiny_ove
     for family in ("dcgan", "vae"):
         path = resumed / f"{family}-rank0.pt"
         assert path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-        after, reference = torch.load(path, weights_only=True), torch.load(straight / f"{family}-rank0.pt", weights_only=True)
+        after, reference = (
+            torch.load(path, weights_only=True),
+            torch.load(straight / f"{family}-rank0.pt", weights_only=True),
+        )
         for part in reference.keys() - {"world_size"}:
             assert_same_run(reference[part], after[part])
 
@@ -53,7 +65,9 @@ def test_zero2_families_train_identically_on_2_ranks_and_resume_exactly(tiny_ove
 def test_a_zero2_checkpoint_is_plain_for_evaluation_and_refused_by_the_plain_backend(tiny_overrides, tmp_path):
     """FID during ZeRO-2 training equals `gendist eval` of its checkpoint in one plain process."""
     evaluation = [*RANDOM_EVAL, "eval.every=2", f"eval.stats_dir={tmp_path / 'stats'}"]
-    proc = launch("deepspeed", tmp_path, [*tiny_overrides, *evaluation, "train.steps=2"], [WORKER, str(tmp_path), "dcgan"])
+    proc = launch(
+        "deepspeed", tmp_path, [*tiny_overrides, *evaluation, "train.steps=2"], [WORKER, str(tmp_path), "dcgan"]
+    )
     run = tmp_path / "dcgan"
     assert list_checkpoints(run), proc.stdout[-3000:] + proc.stderr[-3000:]
     shared, _ = load_checkpoint(list_checkpoints(run)[-1], rank=0)
@@ -72,21 +86,27 @@ def test_a_zero2_checkpoint_is_plain_for_evaluation_and_refused_by_the_plain_bac
 ZERO2 = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1}
 
 
-@pytest.mark.parametrize("settings, overrides, refusal", [
-    ({"zero_optimization": {"stage": 3}}, [], "stage 3 is not supported"),
-    (ZERO2, ["model.name=wgan"], "clipping"),
-    (ZERO2, ["train.mixed_precision=fp16"], "fp16 under DeepSpeed is refused"),
-    ({**ZERO2, "gradient_accumulation_steps": 4}, [], "one optimizer step per batch"),
-    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, [], "offload is not supported"),
-])
+@pytest.mark.parametrize(
+    "settings, overrides, refusal",
+    [
+        ({"zero_optimization": {"stage": 3}}, [], "stage 3 is not supported"),
+        (ZERO2, ["model.name=wgan"], "clipping"),
+        (ZERO2, ["train.mixed_precision=fp16"], "fp16 under DeepSpeed is refused"),
+        ({**ZERO2, "gradient_accumulation_steps": 4}, [], "one optimizer step per batch"),
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, [], "offload is not supported"),
+    ],
+)
 def test_combinations_that_cannot_be_correct_are_refused(settings, overrides, refusal):
     with pytest.raises(ConfigError, match=refusal):
         engine_config(settings, load_config(None, overrides), world_size=2)
 
 
 def test_engine_config_takes_batch_and_precision_from_the_run_config():
-    config = engine_config({**ZERO2, "gradient_clipping": "auto"},
-                           load_config(None, ["data.batch_size=16", "train.mixed_precision=bf16"]), world_size=4)
+    config = engine_config(
+        {**ZERO2, "gradient_clipping": "auto"},
+        load_config(None, ["data.batch_size=16", "train.mixed_precision=bf16"]),
+        world_size=4,
+    )
     assert config["train_micro_batch_size_per_gpu"] == 16 and config["train_batch_size"] == 64
     assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in config
     assert "gradient_clipping" not in config

@@ -1,4 +1,5 @@
 """FID/KID maths, the Inception weights path, the reference cache, rank independence, eval and compare."""
+
 import shutil
 from pathlib import Path
 from urllib.error import URLError
@@ -6,22 +7,21 @@ from urllib.error import URLError
 import numpy as np
 import pytest
 import torch
+from conftest import RANDOM_EVAL, TINY, launch
 from PIL import Image
 from pytorch_fid.fid_score import calculate_frechet_distance
 
-from conftest import BIN, RANDOM_EVAL, REPO, TINY, launch
 from gendist.cli import main as cli_main
 from gendist.config import load_config
 from gendist.data.loader import read_in_order
 from gendist.data.shards import Preprocess, write_shards
 from gendist.data.synthetic import SyntheticFacesSource
-from gendist.dist import build_accelerator
+from gendist.distributed import build_accelerator
 from gendist.eval import inception as fid_inception
 from gendist.eval.evaluator import Evaluator, read_rows
 from gendist.eval.inception import FidInception, InceptionWeightsError
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 from gendist.training.loop import train
-
 
 
 def random_spd(rng: np.random.Generator, dims: int) -> np.ndarray:
@@ -66,11 +66,17 @@ def test_random_inception_fid_is_zero_on_itself_and_grows_with_a_shift(synthetic
     images, _, _ = read_in_order(str(synthetic_shards), "train", 32, limit=16)
     batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     net = FidInception("random")
-    assert FidInception("random").net.state_dict()["blocks.0.0.conv.weight"].equal(net.net.state_dict()["blocks.0.0.conv.weight"])
+    assert (
+        FidInception("random")
+        .net.state_dict()["blocks.0.0.conv.weight"]
+        .equal(net.net.state_dict()["blocks.0.0.conv.weight"])
+    )
     base = feature_statistics(net(batch).numpy())
     assert base[0].shape == (2048,)
-    fids = [frechet_distance(*base, *feature_statistics(net((batch + shift).clamp(0, 1)).numpy()))
-            for shift in (0.0, 0.1, 0.3)]
+    fids = [
+        frechet_distance(*base, *feature_statistics(net((batch + shift).clamp(0, 1)).numpy()))
+        for shift in (0.0, 0.1, 0.3)
+    ]
     assert abs(fids[0]) < 1e-4 * fids[1]  # 16 samples: rank-deficient covariances, round-off only
     assert 0 < fids[1] < fids[2]
 
@@ -115,7 +121,9 @@ def reference_of(shards: Path, stats: Path, *extra: str):
 
 def test_reference_statistics_are_cached_and_invalidated_by_the_manifest(tmp_path):
     shards, stats = tmp_path / "shards", tmp_path / "stats"
-    write_shards(SyntheticFacesSource(64), shards, Preprocess(32), images_per_sample=8, shard_size=40, show_progress=False)
+    write_shards(
+        SyntheticFacesSource(64), shards, Preprocess(32), images_per_sample=8, shard_size=40, show_progress=False
+    )
     # built ahead with the command, then found by the evaluator
     assert cli_main(["fid-stats", *TINY, f"data.shards={shards}", *RANDOM_EVAL, f"eval.stats_dir={stats}"]) == 0
     first_eval, first = reference_of(shards, stats)
@@ -128,8 +136,14 @@ def test_reference_statistics_are_cached_and_invalidated_by_the_manifest(tmp_pat
     assert reference_of(shards, stats, "eval.num_real=20")[1].count == 20
     # the same folder re-converted with another crop: the manifest changed, so must the statistics
     shutil.rmtree(shards)
-    write_shards(SyntheticFacesSource(64), shards, Preprocess(32, crop_fraction=1.0), images_per_sample=8,
-                 shard_size=40, show_progress=False)
+    write_shards(
+        SyntheticFacesSource(64),
+        shards,
+        Preprocess(32, crop_fraction=1.0),
+        images_per_sample=8,
+        shard_size=40,
+        show_progress=False,
+    )
     changed_eval, changed = reference_of(shards, stats)
     assert changed.path != first.path and changed_eval._inception is not None
     assert not np.allclose(changed.mu, first.mu)
@@ -152,12 +166,24 @@ def eval_rows_of(run: Path) -> list[dict]:
 @pytest.mark.slow
 def test_fid_on_2_processes_equals_fid_in_1_and_the_training_eval(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    train(load_config(None, [*tiny_overrides, *RANDOM_EVAL, "train.steps=3", "eval.every=3",
-                                 f"eval.stats_dir={tmp_path / 'stats-train'}"]))
+    train(
+        load_config(
+            None,
+            [
+                *tiny_overrides,
+                *RANDOM_EVAL,
+                "train.steps=3",
+                "eval.every=3",
+                f"eval.stats_dir={tmp_path / 'stats-train'}",
+            ],
+        )
+    )
     during_training = read_rows(run)[-1]
     assert cli_main(["eval", str(run), f"eval.stats_dir={tmp_path / 'stats-1'}"]) == 0
     # 2 ranks, each embedding its half of the reference and of the samples, with their own cache
-    proc = launch("accelerate", tmp_path, [str(run), f"eval.stats_dir={tmp_path / 'stats-2'}"], ["-m", "gendist.evaluate"])
+    proc = launch(
+        "accelerate", tmp_path, [str(run), f"eval.stats_dir={tmp_path / 'stats-2'}"], ["-m", "gendist.evaluate"]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = eval_rows_of(run)
     assert two["protocol"] == one["protocol"] and two["step"] == one["step"] == 3
@@ -165,13 +191,26 @@ def test_fid_on_2_processes_equals_fid_in_1_and_the_training_eval(tiny_overrides
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
         assert during_training[key] == pytest.approx(one[key], rel=1e-5), key
     assert one["fid"] > 0
-    assert np.allclose(*(np.load(next((tmp_path / f"stats-{n}").glob("*.npz")))["mu"] for n in (1, 2)), rtol=1e-5, atol=1e-7)
+    assert np.allclose(
+        *(np.load(next((tmp_path / f"stats-{n}").glob("*.npz")))["mu"] for n in (1, 2)), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_vae_eval_reports_held_out_reconstruction_error(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    train(load_config(None, [*tiny_overrides, *RANDOM_EVAL, "model.name=vae", "train.steps=2", "eval.every=2",
-                                 f"eval.stats_dir={tmp_path / 'stats'}"]))
+    train(
+        load_config(
+            None,
+            [
+                *tiny_overrides,
+                *RANDOM_EVAL,
+                "model.name=vae",
+                "train.steps=2",
+                "eval.every=2",
+                f"eval.stats_dir={tmp_path / 'stats'}",
+            ],
+        )
+    )
     row = read_rows(run)[-1]
     assert row["recon_split"] == "val" and row["recon_images"] == 16
     assert 0 < row["recon_mse"] < 1 and row["fid"] > 0
@@ -183,9 +222,23 @@ def test_compare_reports_table_and_figures_for_real_runs(tiny_overrides, tmp_pat
     runs = {}
     for name, extra in {"dcgan": [], "cgan": ["model.attributes=[Male,Smiling]"], "vae": []}.items():
         runs[name] = tmp_path / name
-        train(load_config(None, [*tiny_overrides, *RANDOM_EVAL, f"model.name={name}", *extra, "train.steps=4",
-                                 "eval.every=2", "train.sample_every=2", "train.checkpoint_every=4",
-                                 f"eval.stats_dir={tmp_path / 'stats'}", f"train.run_dir={runs[name]}"]))
+        train(
+            load_config(
+                None,
+                [
+                    *tiny_overrides,
+                    *RANDOM_EVAL,
+                    f"model.name={name}",
+                    *extra,
+                    "train.steps=4",
+                    "eval.every=2",
+                    "train.sample_every=2",
+                    "train.checkpoint_every=4",
+                    f"eval.stats_dir={tmp_path / 'stats'}",
+                    f"train.run_dir={runs[name]}",
+                ],
+            )
+        )
     out = tmp_path / "report"
     assert cli_main(["compare", *map(str, runs.values()), "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
@@ -200,7 +253,18 @@ def test_compare_reports_table_and_figures_for_real_runs(tiny_overrides, tmp_pat
             assert min(image.size) > 60, figure
         assert f"]({figure})" in report
     # a run evaluated under another protocol is flagged, not ranked with the others
-    assert cli_main(["eval", str(runs["dcgan"]), "--num-samples", "20", f"eval.stats_dir={tmp_path / 'stats'}",
-                     *RANDOM_EVAL[:1]]) == 0
+    assert (
+        cli_main(
+            [
+                "eval",
+                str(runs["dcgan"]),
+                "--num-samples",
+                "20",
+                f"eval.stats_dir={tmp_path / 'stats'}",
+                *RANDOM_EVAL[:1],
+            ]
+        )
+        == 0
+    )
     cli_main(["compare", *map(str, runs.values()), "--out", str(out)])
     assert "not comparable:**" in (out / "report.md").read_text()

@@ -1,26 +1,33 @@
 """Every model family on 2 real processes, and WGAN-GP's critic step (DDP and ZeRO-2): 2 ranks x B ==
 1 rank x 2B."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
-
 from conftest import REPO, assert_ranks_agree, launch
 from critic_step_worker import critic_for
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, family", [("accelerate", "wgan_gp"), pytest.param("deepspeed", "wgan_gp",
-                                              id="deepspeed-zero2-wgan_gp"), ("accelerate", "gan")])
+@pytest.mark.parametrize(
+    "launcher, family",
+    [
+        ("accelerate", "wgan_gp"),
+        pytest.param("deepspeed", "wgan_gp", id="deepspeed-zero2-wgan_gp"),
+        ("accelerate", "gan"),
+    ],
+)
 def test_critic_step_is_the_same_on_2_ranks_and_on_1(launcher, family, tmp_path):
     """WGAN-GP's gradient penalty (two forwards and one backward under DDP, or through a ZeRO-2
     engine), and the original GAN's maxout discriminator: averaging (reduce-scattering) the two
     ranks' gradients must equal the gradient of the whole batch. Tolerance: 1e-6 absolute (float32
     sums in a different order; Adam's first step is about lr * sign(grad), lr = 1e-3)."""
     worker = str(REPO / "tests" / "critic_step_worker.py")
-    single = subprocess.run([sys.executable, worker, str(tmp_path / "one.pt"), family], cwd=REPO, capture_output=True,
-                            text=True)
+    single = subprocess.run(
+        [sys.executable, worker, str(tmp_path / "one.pt"), family], cwd=REPO, capture_output=True, text=True
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     proc = launch(launcher, tmp_path, [], [worker, str(tmp_path / "two.pt"), family])
     assert (tmp_path / "two.pt").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -35,8 +42,12 @@ def test_critic_step_is_the_same_on_2_ranks_and_on_1(launcher, family, tmp_path)
 
 @pytest.mark.slow
 def test_every_family_trains_on_2_processes_with_identical_weights(tiny_overrides, tmp_path):
-    proc = launch("accelerate", tmp_path, [*tiny_overrides, "train.steps=3", "train.sample_every=3"],
-                  [str(REPO / "tests" / "family_worker.py"), str(tmp_path), "all"])
+    proc = launch(
+        "accelerate",
+        tmp_path,
+        [*tiny_overrides, "train.steps=3", "train.sample_every=3"],
+        [str(REPO / "tests" / "family_worker.py"), str(tmp_path), "all"],
+    )
     assert_ranks_agree(tmp_path, ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae"], proc, samples_at=3)
     clipped = torch.load(tmp_path / "wgan-rank0.pt", weights_only=True)["discriminator"]
     assert all(v.abs().max() <= 0.01 for k, v in clipped.items() if v.is_floating_point() and "running" not in k)

@@ -1,5 +1,6 @@
 """Faults a real cluster meets: an error on one rank, a failing loader worker, a diverging run,
 damaged or refused checkpoints, resumes under another layout, and relaunches that replay steps."""
+
 import json
 import os
 import shutil
@@ -8,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO, assert_same_run, launch
+
 from gendist.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from gendist.config import ConfigError, load_config
 from gendist.training.common import Diverged, stack_values
@@ -18,16 +19,23 @@ from gendist.training.loop import train
 
 def strict_rows(path):
     """JSONL rows parsed as strict JSON: a bare NaN or Infinity fails."""
+
     def refuse(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
+
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow
 def test_an_error_on_one_rank_ends_the_job_at_once_with_that_ranks_traceback(tiny_overrides, tmp_path):
     # Without the fix both ranks wait out the 30-minute gloo timeout: the timeout fails the test instead.
-    proc = launch("accelerate", tmp_path, [*tiny_overrides, "train.steps=50"],
-                  ["tests/fault_worker.py", "step", "1", "3"], timeout=150)
+    proc = launch(
+        "accelerate",
+        tmp_path,
+        [*tiny_overrides, "train.steps=50"],
+        ["tests/fault_worker.py", "step", "1", "3"],
+        timeout=150,
+    )
     assert proc.returncode != 0
     assert "[rank 1/2] RuntimeError: injected fault at step 3" in proc.stderr, proc.stderr[-3000:]
     assert "[rank 1/2] Traceback" in proc.stderr
@@ -38,21 +46,35 @@ def test_a_loader_worker_error_ends_a_one_process_run_promptly(tiny_overrides, t
     # Loader workers ignore stop signals; without closing them on the error path, the process waits
     # for them forever at exit.
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    proc = subprocess.run([sys.executable, "tests/fault_worker.py", "loader", "0", "2", *tiny_overrides,
-                           "train.steps=50"], cwd=REPO, env=env, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(
+        [sys.executable, "tests/fault_worker.py", "loader", "0", "2", *tiny_overrides, "train.steps=50"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert proc.returncode != 0
     assert "injected loader fault after 2 batches" in proc.stderr
 
 
 def test_divergence_stops_with_the_step_and_loss_and_keeps_the_finite_checkpoint(tiny_overrides, tmp_path):
-    wgan_gp = [*tiny_overrides, "model.name=wgan_gp", "model.d_norm=layer", "train.log_every=3",
-               "train.keep_checkpoints=1"]
+    wgan_gp = [
+        *tiny_overrides,
+        "model.name=wgan_gp",
+        "model.d_norm=layer",
+        "train.log_every=3",
+        "train.keep_checkpoints=1",
+    ]
     train(load_config(None, [*wgan_gp, "train.steps=4", "train.checkpoint_every=2"]))
     run = tmp_path / "run"
     # a relaunch at a huge learning rate (what a bad sweep value does), checkpointing every step
     with pytest.raises(Diverged, match=r"not finite at step \d+; stopped without checkpointing it") as err:
-        train(load_config(None, [*wgan_gp, "train.steps=40", "train.checkpoint_every=1", "optim.lr_g=1e6",
-                                     "optim.lr_d=1e6"]))
+        train(
+            load_config(
+                None, [*wgan_gp, "train.steps=40", "train.checkpoint_every=1", "optim.lr_g=1e6", "optim.lr_d=1e6"]
+            )
+        )
     assert any(name in str(err.value) for name in ("loss_d", "loss_g", "wasserstein", "gradient_penalty", "weights"))
     kept = list_checkpoints(run)
     assert kept and kept[0].name >= "step_0000004"  # keep_checkpoints=1: a non-finite save would prune the last good
@@ -107,8 +129,7 @@ def test_saves_remove_partial_and_emptied_checkpoint_folders(tiny_overrides, tmp
 def test_resuming_under_another_layout_is_said_and_continues(tiny_overrides, tmp_path, capsys):
     train(load_config(None, [*tiny_overrides, "train.steps=4", "train.checkpoint_every=2"]))
     capsys.readouterr()
-    result = train(load_config(None, [*tiny_overrides, "train.steps=6", "data.num_workers=2",
-                                      "data.batch_size=4"]))
+    result = train(load_config(None, [*tiny_overrides, "train.steps=6", "data.num_workers=2", "data.batch_size=4"]))
     out = capsys.readouterr().out
     assert "warning: resuming" in out and "num_workers 1 -> 2" in out and "batch_size 8 -> 4" in out
     assert "not bit-identically" in out
@@ -117,8 +138,9 @@ def test_resuming_under_another_layout_is_said_and_continues(tiny_overrides, tmp
     assert result.state.batch_in_epoch == 10
 
 
-def test_a_relaunch_with_other_settings_keeps_the_old_config_and_refuses_other_networks(tiny_overrides, tmp_path,
-                                                                                       capsys):
+def test_a_relaunch_with_other_settings_keeps_the_old_config_and_refuses_other_networks(
+    tiny_overrides, tmp_path, capsys
+):
     run = tmp_path / "run"
     train(load_config(None, [*tiny_overrides, "train.steps=2"]))
     train(load_config(None, [*tiny_overrides, "train.steps=3", "optim.lr_g=1e-4"]))
@@ -136,8 +158,9 @@ def test_a_resumed_run_logs_each_step_once(tiny_overrides, tmp_path):
     run = tmp_path / "run"
     common = [*tiny_overrides, "train.log_every=1", "train.checkpoint_every=2"]
     train(load_config(None, [*common, "train.steps=3"]))
-    (run / "eval.jsonl").write_text(json.dumps({"step": 3, "source": "training"}) + "\n"
-                                    + json.dumps({"step": 3, "source": "gendist eval"}) + "\n")
+    (run / "eval.jsonl").write_text(
+        json.dumps({"step": 3, "source": "training"}) + "\n" + json.dumps({"step": 3, "source": "gendist eval"}) + "\n"
+    )
     # the run was killed after logging step 3: its checkpoints are steps 2 and 3; drop step 3's
     checkpoints = list_checkpoints(run)
     assert [c.name for c in checkpoints] == ["step_0000002", "step_0000003"]
@@ -159,20 +182,27 @@ def test_step_values_from_any_device_land_on_the_sessions_device():
         torch.stack([values["loss"], values["cpu"]])
 
 
-def test_each_epoch_reports_images_read_against_the_manifest_and_damage_is_warned(tiny_overrides, synthetic_shards,
-                                                                                    tmp_path, capsys):
+def test_each_epoch_reports_images_read_against_the_manifest_and_damage_is_warned(
+    tiny_overrides, synthetic_shards, tmp_path, capsys
+):
     train(load_config(None, [*tiny_overrides, "train.steps=30"]))
     out = capsys.readouterr().out
     # 231 train images, 28 batches of 8 per epoch: 224 read once, 7 left over
-    assert ("epoch 0: read 224 of the 231 images the manifest lists; 0 short of the manifest, 0 unreadable "
-            "samples skipped, 7 left over") in out
+    assert (
+        "epoch 0: read 224 of the 231 images the manifest lists; 0 short of the manifest, 0 unreadable "
+        "samples skipped, 7 left over"
+    ) in out
     damaged = tmp_path / "damaged"
     shutil.copytree(synthetic_shards, damaged)
     manifest = json.loads((damaged / "manifest.json").read_text())
     victim = damaged / manifest["splits"]["train"]["shards"][0]["name"]
-    victim.write_bytes(victim.read_bytes()[:len(victim.read_bytes()) // 2])  # a copy cut short
-    train(load_config(None, [*tiny_overrides, "train.steps=30", f"data.shards={damaged}",
-                                 f"train.run_dir={tmp_path / 'damaged_run'}"]))
+    victim.write_bytes(victim.read_bytes()[: len(victim.read_bytes()) // 2])  # a copy cut short
+    train(
+        load_config(
+            None,
+            [*tiny_overrides, "train.steps=30", f"data.shards={damaged}", f"train.run_dir={tmp_path / 'damaged_run'}"],
+        )
+    )
     out = capsys.readouterr().out
     assert "warning: the shards delivered" in out and "gendist shards verify" in out
     rows = strict_rows(tmp_path / "damaged_run" / "metrics.jsonl")
@@ -189,7 +219,7 @@ def test_a_batch_larger_than_the_split_is_a_config_error_naming_the_key(tiny_ove
 
 
 def test_rank_seeds_of_neighbouring_run_seeds_do_not_coincide():
-    from gendist.dist import rank_seed, seed_everything
+    from gendist.distributed import rank_seed, seed_everything
 
     seeds = {(seed, rank): rank_seed(seed, rank) for seed in range(4) for rank in range(8)}
     assert len(set(seeds.values())) == len(seeds)  # seed + rank made (0, 1) and (1, 0) one stream

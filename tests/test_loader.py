@@ -21,7 +21,9 @@ SIZE = 8
 
 
 def spec_for(shards: Path, **kw) -> StreamSpec:
-    return StreamSpec(**{"shard_dir": str(shards), "split": "train", "batch_size": 8, "image_size": 32, "shuffle_pool": 64, **kw})
+    return StreamSpec(
+        **{"shard_dir": str(shards), "split": "train", "batch_size": 8, "image_size": 32, "shuffle_pool": 64, **kw}
+    )
 
 
 class IndexSource(ImageSource):
@@ -35,7 +37,9 @@ class IndexSource(ImageSource):
 
     def plan(self) -> SplitPlan:
         keys = [f"{i:05d}.png" for i in range(self.count)]
-        attributes = {key: np.array([1 if i >> b & 1 else -1 for b in range(BITS)], np.int8) for i, key in enumerate(keys)}
+        attributes = {
+            key: np.array([1 if i >> b & 1 else -1 for b in range(BITS)], np.int8) for i, key in enumerate(keys)
+        }
         return SplitPlan({"train": keys}, [f"bit{b}" for b in range(BITS)], attributes)
 
     def open(self, key: str) -> Image.Image:
@@ -69,15 +73,26 @@ def index_sets(tmp_path_factory) -> dict[str, Path]:
 
 
 def index_spec(shards: Path, **kw) -> StreamSpec:
-    return StreamSpec(**{"shard_dir": str(shards), "split": "train", "batch_size": 4, "image_size": SIZE,
-                         "shuffle_pool": 16, "seed": 5, **kw})
+    return StreamSpec(
+        **{
+            "shard_dir": str(shards),
+            "split": "train",
+            "batch_size": 4,
+            "image_size": SIZE,
+            "shuffle_pool": 16,
+            "seed": 5,
+            **kw,
+        }
+    )
 
 
 def as_workers(monkeypatch, stream: ShardStream, num_workers: int) -> list[list[dict]]:
     """Each loader worker's batches, run in this process as get_worker_info() would describe it."""
     runs = []
     for worker in range(num_workers):
-        monkeypatch.setattr(loader_module, "get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=num_workers))
+        monkeypatch.setattr(
+            loader_module, "get_worker_info", lambda worker=worker: SimpleNamespace(id=worker, num_workers=num_workers)
+        )
         runs.append(list(stream))
     monkeypatch.undo()
     return runs
@@ -91,6 +106,7 @@ def round_robin(runs: list[list[dict]]) -> list[dict]:
 @contextmanager
 def deadline(seconds: int):
     """Fail instead of hanging."""
+
     def expire(signum, frame):
         raise TimeoutError(f"still running after {seconds} s")
 
@@ -104,7 +120,10 @@ def deadline(seconds: int):
 
 
 def test_index_shards_are_uneven(index_sets):
-    counts = {name: [s["count"] for s in read_manifest(path)["splits"]["train"]["shards"]] for name, path in index_sets.items()}
+    counts = {
+        name: [s["count"] for s in read_manifest(path)["splits"]["train"]["shards"]]
+        for name, path in index_sets.items()
+    }
     assert counts == {"one": [150], "big+tiny": [100, 7], "many": [11] * 13 + [7]}
 
 
@@ -144,7 +163,10 @@ def test_loader_workers_deliver_what_the_slots_make(index_sets, monkeypatch, nam
         batches = list(make_loader(spec, num_workers, epoch=2))
         expected = round_robin(as_workers(monkeypatch, ShardStream(spec, 2), num_workers))
         assert len(batches) == len(expected) == batches_per_epoch(num_images, world, 4)
-        assert all(torch.equal(a["images"], b["images"]) and torch.equal(a["attrs"], b["attrs"]) for a, b in zip(batches, expected))
+        assert all(
+            torch.equal(a["images"], b["images"]) and torch.equal(a["attrs"], b["attrs"])
+            for a, b in zip(batches, expected)
+        )
         np.add.at(reads, [i for b in batches for i in indices(b)], 1)
     assert reads.max() == 1 and (reads == 0).sum() == num_images % (world * 4)
 
@@ -211,7 +233,7 @@ def test_truncated_shard_is_reported_and_the_quota_met(index_sets, tmp_path, cap
     copy = tmp_path / "shards"
     shutil.copytree(index_sets["big+tiny"], copy)
     victim = copy / read_manifest(copy)["splits"]["train"]["shards"][0]["name"]
-    victim.write_bytes(victim.read_bytes()[:victim.stat().st_size // 2])
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     left = readable(copy)
     assert 20 < len(left) < 100
     batches = list(make_loader(index_spec(copy, batch_size=1), num_workers=2))
@@ -229,10 +251,13 @@ def test_corrupt_header_loses_only_its_sample(index_sets, tmp_path, start):
     victim = copy / read_manifest(copy)["splits"]["train"]["shards"][0]["name"]
     with tarfile.open(victim) as tar:
         members = {m.name: m for m in tar}
-        lost = {int(key[:5]) for key in tar.extractfile(members[f"train-00000-{start:06d}.keys.txt"]).read().decode().split()}
+        lost = {
+            int(key[:5])
+            for key in tar.extractfile(members[f"train-00000-{start:06d}.keys.txt"]).read().decode().split()
+        }
     header = members[f"train-00000-{start:06d}.attrs.npy"].offset_data - 512  # its first member; after its pax header
     data = bytearray(victim.read_bytes())
-    data[header:header + 512] = b"X" * 512
+    data[header : header + 512] = b"X" * 512
     victim.write_bytes(bytes(data))
     assert readable(copy) == set(range(107)) - lost and len(lost) == 5
     batches = list(ShardStream(index_spec(copy, batch_size=1)))
@@ -272,8 +297,11 @@ def test_empty_split_and_too_large_a_batch_are_explained(index_sets, tmp_path):
     for reader in (split_shards, read_in_order, lambda *args: ShardStream(index_spec(shards, split="val"))):
         with pytest.raises(ValueError, match=f"the 'val' split of {shards} holds no images"):
             reader(str(shards), "val", SIZE)
-    with pytest.raises(ValueError, match=f"data.batch_size=64 on 2 ranks needs at least 128 images per epoch; "
-                                         f"the 'train' split of {shards} has 107"):
+    with pytest.raises(
+        ValueError,
+        match=f"data.batch_size=64 on 2 ranks needs at least 128 images per epoch; "
+        f"the 'train' split of {shards} has 107",
+    ):
         make_loader(index_spec(shards, batch_size=64, world_size=2), 0)
     assert len(ShardStream(index_spec(shards, batch_size=107))) == 1
 

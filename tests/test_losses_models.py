@@ -26,10 +26,10 @@ def test_gradient_penalty_uses_one_alpha_per_sample_and_the_whole_sample_norm():
     alpha = torch.tensor([0.0, 0.25, 0.5, 1.0])
     mixed = alpha.view(4, 1, 1, 1) * real + (1 - alpha.view(4, 1, 1, 1)) * fake
     expected = ((mixed.flatten(1).norm(dim=1) - 1) ** 2).mean()
-    penalty = gradient_penalty(lambda x: 0.5 * (x ** 2).flatten(1).sum(1), real, fake, alpha)
+    penalty = gradient_penalty(lambda x: 0.5 * (x**2).flatten(1).sum(1), real, fake, alpha)
     assert penalty.item() == pytest.approx(expected.item(), rel=1e-6)
     # alpha = 1 for sample 3 means it sits on the real image, whatever the fake
-    only_last = gradient_penalty(lambda x: 0.5 * (x ** 2).flatten(1).sum(1), real[3:], fake[3:] * 7, alpha[3:])
+    only_last = gradient_penalty(lambda x: 0.5 * (x**2).flatten(1).sum(1), real[3:], fake[3:] * 7, alpha[3:])
     assert only_last.item() == pytest.approx(((real[3].norm() - 1) ** 2).item(), rel=1e-6)
 
 
@@ -94,9 +94,9 @@ def test_unknown_cgan_attribute_names_the_available_ones():
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_networks_are_built_in_the_configured_memory_format_with_fused_adam(channels_last):
     from gendist.config import load_config
-    from gendist.training.common import build_optimizer
     from gendist.families.gan import build_networks
     from gendist.families.vae import build_vae
+    from gendist.training.common import build_optimizer
 
     cfg = load_config(None, [f"train.channels_last={channels_last}"])
     vae_cfg = load_config(None, ["model.name=vae", f"train.channels_last={channels_last}"])

@@ -1,6 +1,7 @@
 """Graceful stops for real: SIGUSR1 / SIGTERM / SIGINT sent to running training processes (one
 process, and two under torchrun), a worker SIGKILLed under torchrun --max-restarts; each run must
 end with the same weights as an uninterrupted one."""
+
 import os
 import signal
 import subprocess
@@ -11,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import BIN, REPO, TINY, assert_same_run, assert_same_weights, free_port
+
 from gendist.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from gendist.config import ConfigError, load_config
 from gendist.training.loop import train
@@ -22,14 +23,22 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
 
 
 def overrides(shards: Path, run_dir: Path) -> list[str]:
-    return [*TINY, f"data.shards={shards}", "data.num_workers=2", "train.checkpoint_every=5", f"train.steps={STEPS}",
-            f"train.run_dir={run_dir}"]
+    return [
+        *TINY,
+        f"data.shards={shards}",
+        "data.num_workers=2",
+        "train.checkpoint_every=5",
+        f"train.steps={STEPS}",
+        f"train.run_dir={run_dir}",
+    ]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     # its own session, so that a signal to the process group reaches it and its loader workers
     # (what SLURM and Ctrl-C do) and nothing of pytest's
-    return subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def wait_for_checkpoint(run_dir: Path, step: int, proc: subprocess.Popen, log: Path) -> None:
@@ -72,8 +81,17 @@ def single(run_dir: Path, shards: Path) -> list[str]:
 
 
 def torchrun(run_dir: Path, shards: Path, *extra: str) -> list[str]:
-    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *extra,
-            "-m", "gendist.train", *overrides(shards, run_dir)]
+    return [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        *extra,
+        "-m",
+        "gendist.train",
+        *overrides(shards, run_dir),
+    ]
 
 
 # The references run in subprocesses too: like every launched run here they use one thread, and
@@ -93,10 +111,14 @@ def two_rank_weights(synthetic_shards, tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, to_group", [(signal.SIGUSR1, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
-                         ids=["SIGUSR1", "SIGTERM-to-group", "SIGINT-to-group"])
-def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_matches(signum, to_group, one_rank_weights,
-                                                                       synthetic_shards, tmp_path):
+@pytest.mark.parametrize(
+    "signum, to_group",
+    [(signal.SIGUSR1, False), (signal.SIGTERM, True), (signal.SIGINT, True)],
+    ids=["SIGUSR1", "SIGTERM-to-group", "SIGINT-to-group"],
+)
+def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_matches(
+    signum, to_group, one_rank_weights, synthetic_shards, tmp_path
+):
     """SIGUSR1 to the trainer (SLURM's warning); SIGTERM and Ctrl-C's SIGINT to its whole process
     group, loader workers included, as SLURM and a terminal send them."""
     run_dir, log = tmp_path / "stopped", tmp_path / "stopped.log"
@@ -150,10 +172,22 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(two_rank_weights, synthet
     """launch/node.sh under torchrun --max-restarts: rank 1 is SIGKILLed, both ranks restart from
     the latest checkpoint and the run ends as if nothing had happened."""
     run_dir, log = tmp_path / "run", tmp_path / "restarted.log"
-    env = {**ENV, "PATH": f"{BIN}:{ENV['PATH']}", "LAUNCHER": "torchrun", "PROCS_PER_NODE": "2",
-           "MAIN_PORT": str(free_port()), "MAX_RESTARTS": "1"}
-    proc = subprocess.Popen([str(REPO / "launch" / "node.sh"), "-m", "gendist.train", *overrides(synthetic_shards, run_dir)],
-                            cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        **ENV,
+        "PATH": f"{BIN}:{ENV['PATH']}",
+        "LAUNCHER": "torchrun",
+        "PROCS_PER_NODE": "2",
+        "MAIN_PORT": str(free_port()),
+        "MAX_RESTARTS": "1",
+    }
+    proc = subprocess.Popen(
+        [str(REPO / "launch" / "node.sh"), "-m", "gendist.train", *overrides(synthetic_shards, run_dir)],
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     wait_for_checkpoint(run_dir, 10, proc, log)
     worker_of_rank(proc.pid, 1).kill()
     out = finish(proc, log)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_fake_celeba
 from PIL import Image
 
-from conftest import make_fake_celeba
 from gendist.cli import main as gendist_main
 from gendist.data.loader import split_shards
 from gendist.data.shards import Preprocess, file_sha256, read_manifest, verify_shards, write_shards
@@ -41,8 +41,15 @@ def read_all(shard_dir: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndar
 def test_celeba_conversion_counts_attributes_and_splits(tmp_path: Path, as_zip: bool):
     truth = make_fake_celeba(tmp_path / "celeba", present=30, listed=36, as_zip=as_zip, corrupt=(7,))
     out = tmp_path / "shards"
-    manifest = write_shards(CelebASource(tmp_path / "celeba"), out, Preprocess(32), images_per_sample=4,
-                            shard_size=8, workers=2, show_progress=False)
+    manifest = write_shards(
+        CelebASource(tmp_path / "celeba"),
+        out,
+        Preprocess(32),
+        images_per_sample=4,
+        shard_size=8,
+        workers=2,
+        show_progress=False,
+    )
     good = [n for n in truth["present"] if n != "000007.jpg"]
     for split in ("train", "val", "test"):
         expected = sorted(n for n in good if truth["split_of"][n] == {"train": 0, "val": 1, "test": 2}[split])
@@ -53,7 +60,12 @@ def test_celeba_conversion_counts_attributes_and_splits(tmp_path: Path, as_zip: 
         for key, (image, attrs) in records.items():
             assert image.shape == (32, 32, 3) and image.dtype == np.uint8
             np.testing.assert_array_equal(attrs, truth["attrs"][key])
-    assert manifest["left_out"] == {"listed_but_missing": 6, "present_but_unlisted": 0, "no_attributes": 0, "corrupt": 1}
+    assert manifest["left_out"] == {
+        "listed_but_missing": 6,
+        "present_but_unlisted": 0,
+        "no_attributes": 0,
+        "corrupt": 1,
+    }
     assert manifest["corrupt_examples"][0].startswith("000007.jpg")
     assert len(manifest["attribute_names"]) == 40
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -63,7 +75,9 @@ def test_zip_and_folder_give_identical_shard_content(tmp_path: Path):
     make_fake_celeba(tmp_path / "a", as_zip=False)
     make_fake_celeba(tmp_path / "b", as_zip=True)
     for name in ("a", "b"):
-        write_shards(CelebASource(tmp_path / name), tmp_path / f"out-{name}", Preprocess(32), workers=1, show_progress=False)
+        write_shards(
+            CelebASource(tmp_path / name), tmp_path / f"out-{name}", Preprocess(32), workers=1, show_progress=False
+        )
     a, b = read_all(tmp_path / "out-a", "train"), read_all(tmp_path / "out-b", "train")
     assert a.keys() == b.keys()
     for key in a:
@@ -83,8 +97,9 @@ def test_crop_is_a_fraction_so_half_size_images_frame_alike():
 def test_single_image_encodings(tmp_path: Path, encoding: str):
     make_fake_celeba(tmp_path / "celeba", present=12, listed=12)
     out = tmp_path / "shards"
-    manifest = write_shards(CelebASource(tmp_path / "celeba"), out, Preprocess(32), encoding=encoding, workers=1,
-                            show_progress=False)
+    manifest = write_shards(
+        CelebASource(tmp_path / "celeba"), out, Preprocess(32), encoding=encoding, workers=1, show_progress=False
+    )
     assert manifest["images_per_sample"] == 1
     assert len(read_all(out, "train")) == manifest["splits"]["train"]["count"] > 0
 
@@ -105,7 +120,9 @@ def test_refuses_to_overwrite_a_shard_set(tmp_path: Path):
     make_fake_celeba(tmp_path / "celeba", present=6, listed=6)
     write_shards(CelebASource(tmp_path / "celeba"), tmp_path / "out", Preprocess(16), workers=1, show_progress=False)
     with pytest.raises(FileExistsError, match="already holds a shard set"):
-        write_shards(CelebASource(tmp_path / "celeba"), tmp_path / "out", Preprocess(16), workers=1, show_progress=False)
+        write_shards(
+            CelebASource(tmp_path / "celeba"), tmp_path / "out", Preprocess(16), workers=1, show_progress=False
+        )
 
 
 def test_generic_folder_converter_and_cli(tmp_path: Path):
@@ -115,8 +132,22 @@ def test_generic_folder_converter_and_cli(tmp_path: Path):
     for i in range(20):
         Image.fromarray(rng.integers(0, 255, size=(40, 60, 3), dtype=np.uint8)).save(src / f"cat{i}.png")
     (src / "broken.jpg").write_bytes(b"not an image")
-    code = gendist_main(["shards", "folder", "--src", str(tmp_path / "cats"), "--out", str(tmp_path / "out"),
-                         "--size", "16", "--val-fraction", "0.25", "--workers", "1"])
+    code = gendist_main(
+        [
+            "shards",
+            "folder",
+            "--src",
+            str(tmp_path / "cats"),
+            "--out",
+            str(tmp_path / "out"),
+            "--size",
+            "16",
+            "--val-fraction",
+            "0.25",
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 0
     manifest = read_manifest(tmp_path / "out")
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 20
@@ -132,8 +163,25 @@ def test_cli_names_a_missing_source(tmp_path: Path, capsys):
 
 
 def convert_celeba(src: Path, out: Path, *options: str) -> int:
-    return gendist_main(["shards", "celeba", "--src", str(src), "--out", str(out), "--size", "16",
-                         "--shard-size", "4", "--images-per-sample", "2", "--workers", "1", *options])
+    return gendist_main(
+        [
+            "shards",
+            "celeba",
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--size",
+            "16",
+            "--shard-size",
+            "4",
+            "--images-per-sample",
+            "2",
+            "--workers",
+            "1",
+            *options,
+        ]
+    )
 
 
 def test_all_corrupt_conversion_is_refused_and_leaves_no_shard_set(tmp_path: Path, capsys):
@@ -161,8 +209,15 @@ def test_a_split_left_empty_by_corruption_is_named_and_refused_by_the_loader(tmp
 
 def test_manifest_records_streamed_sha256_and_size(tmp_path: Path):
     make_fake_celeba(tmp_path / "celeba", present=6, listed=6)
-    manifest = write_shards(CelebASource(tmp_path / "celeba"), tmp_path / "out", Preprocess(16), images_per_sample=2,
-                            shard_size=2, workers=1, show_progress=False)
+    manifest = write_shards(
+        CelebASource(tmp_path / "celeba"),
+        tmp_path / "out",
+        Preprocess(16),
+        images_per_sample=2,
+        shard_size=2,
+        workers=1,
+        show_progress=False,
+    )
     for shard in (s for split in manifest["splits"].values() for s in split["shards"]):
         path = tmp_path / "out" / shard["name"]
         assert shard["bytes"] == path.stat().st_size
@@ -198,7 +253,9 @@ def test_verify_names_changed_missing_and_extra_shards(shard_set: Path, capsys):
     problems, summary = lines[:-1], lines[-1]
     assert len(problems) == 4
     assert any(line.startswith("changed: train-00000.tar: sha256 ") for line in problems)
-    assert any(line.startswith("changed: train-00001.tar: ") and " bytes, manifest.json says " in line for line in problems)
+    assert any(
+        line.startswith("changed: train-00001.tar: ") and " bytes, manifest.json says " in line for line in problems
+    )
     assert "missing: val-00000.tar: listed with 2 images, not found" in problems
     assert "extra: stray.tar: not listed in manifest.json" in problems
     assert summary == f"DAMAGED: {shard_set}: 1 missing, 2 changed, 1 extra (6 shards listed in manifest.json)"
@@ -227,9 +284,9 @@ def damage_zip_member(archive: Path, member: str) -> None:
     with zipfile.ZipFile(archive) as zipped:
         info = zipped.getinfo(member)
     data = bytearray(archive.read_bytes())
-    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
     middle = info.header_offset + 30 + name_length + extra_length + info.compress_size // 2
-    data[middle:middle + 8] = bytes(b ^ 0xFF for b in data[middle:middle + 8])
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
     archive.write_bytes(bytes(data))
 
 
@@ -247,7 +304,7 @@ def test_zip_member_with_a_bad_crc_is_counted_as_corrupt(tmp_path: Path):
 def test_truncated_zip_is_named(tmp_path: Path, capsys):
     make_fake_celeba(tmp_path / "celeba", present=6, listed=6, as_zip=True)
     archive = tmp_path / "celeba" / "img_align_celeba.zip"
-    archive.write_bytes(archive.read_bytes()[:archive.stat().st_size // 2])
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     assert convert_celeba(tmp_path / "celeba", tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "img_align_celeba.zip is not a readable zip (truncated or damaged?)" in err
@@ -260,10 +317,17 @@ SAMPLE = Path(__file__).parents[2] / "shared" / "data" / "celeba-sample"
 @pytest.mark.skipif(not (SAMPLE / "img_align_celeba.zip").exists(), reason=f"real CelebA sample not found at {SAMPLE}")
 def test_real_celeba_sample_zip(tmp_path: Path):
     """The official zip layout, CRLF attribute file and the complete 202,599-row partition file."""
-    manifest = write_shards(CelebASource(SAMPLE), tmp_path / "out", Preprocess(32), shard_size=2500, show_progress=False)
+    manifest = write_shards(
+        CelebASource(SAMPLE), tmp_path / "out", Preprocess(32), shard_size=2500, show_progress=False
+    )
     assert manifest["splits"]["train"]["count"] == 10_000
     assert manifest["splits"]["val"]["count"] == manifest["splits"]["test"]["count"] == 0
-    assert manifest["left_out"] == {"listed_but_missing": 192_599, "present_but_unlisted": 0, "no_attributes": 0, "corrupt": 0}
+    assert manifest["left_out"] == {
+        "listed_but_missing": 192_599,
+        "present_but_unlisted": 0,
+        "no_attributes": 0,
+        "corrupt": 0,
+    }
     names, rows = parse_attributes(SAMPLE / "list_attr_celeba.txt")
     assert len(names) == 40 and manifest["attribute_names"] == names
     records = read_all(tmp_path / "out", "train")

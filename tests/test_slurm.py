@@ -1,6 +1,7 @@
 """The cluster scripts: they parse and pass shellcheck; launch/node.sh joins two "nodes" from
 SLURM's variables; and, on a real single-node SLURM (slurmctld + slurmd + munge started here),
 train.sbatch trains and survives a requeue, eval.sbatch reports and sweep.sbatch sweeps."""
+
 import json
 import os
 import shutil
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import BIN, REPO, TINY, assert_same_run, free_port
-from gendist.checkpoint import latest_checkpoint
 from test_sweep import write_sweep
+
+from gendist.checkpoint import latest_checkpoint
 
 SCRIPTS = sorted([*REPO.glob("slurm/*.sbatch"), *REPO.glob("slurm/*.sh"), *REPO.glob("launch/*.sh")])
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
@@ -22,11 +23,20 @@ STEPS = 40
 
 
 def test_scripts_parse_and_pass_shellcheck():
-    assert {p.name for p in SCRIPTS} >= {"train.sbatch", "sweep.sbatch", "eval.sbatch", "common.sh", "node.sh", "local_cluster.sh"}
+    assert {p.name for p in SCRIPTS} >= {
+        "train.sbatch",
+        "sweep.sbatch",
+        "eval.sbatch",
+        "common.sh",
+        "node.sh",
+        "local_cluster.sh",
+    }
     for script in SCRIPTS:
         subprocess.run(["bash", "-n", str(script)], check=True)
     # -x: also check what the batch scripts source (slurm/common.sh), by its path from the root
-    checked = subprocess.run([str(BIN / "shellcheck"), "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
+    checked = subprocess.run(
+        [str(BIN / "shellcheck"), "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True
+    )
     assert checked.returncode == 0, checked.stdout
 
 
@@ -46,24 +56,52 @@ def test_node_script_joins_two_nodes_from_slurm_variables(launcher, backend, syn
     'nodes' (1 CPU process each) on this machine form one world of 2, with DDP under torchrun or
     ZeRO-2 under accelerate (accelerate with DDP: the real-SLURM tests below)."""
     run_dir, port = tmp_path / "run", free_port()
-    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "localhost", "MAIN_ADDR": "127.0.0.1",
-             "MAIN_PORT": str(port), "PROCS_PER_NODE": "1", "LAUNCHER": launcher, "MAX_RESTARTS": "0"}
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "MAIN_ADDR": "127.0.0.1",
+        "MAIN_PORT": str(port),
+        "PROCS_PER_NODE": "1",
+        "LAUNCHER": launcher,
+        "MAX_RESTARTS": "0",
+    }
     if backend == "deepspeed-zero2":
         slurm["ZERO_STAGE"] = "2"
-    cmd = [str(REPO / "launch" / "node.sh"), "-m", "gendist.train", *TINY, f"data.shards={synthetic_shards}",
-           "train.steps=4", f"train.run_dir={run_dir}"]
+    cmd = [
+        str(REPO / "launch" / "node.sh"),
+        "-m",
+        "gendist.train",
+        *TINY,
+        f"data.shards={synthetic_shards}",
+        "train.steps=4",
+        f"train.run_dir={run_dir}",
+    ]
     nodes = []
     for node_id in range(2):
         log = tmp_path / f"node{node_id}.log"
-        nodes.append((subprocess.Popen(cmd, cwd=REPO, env={**ENV, **slurm, "SLURM_NODEID": str(node_id)},
-                                       stdout=log.open("w"), stderr=subprocess.STDOUT), log))
+        nodes.append(
+            (
+                subprocess.Popen(
+                    cmd,
+                    cwd=REPO,
+                    env={**ENV, **slurm, "SLURM_NODEID": str(node_id)},
+                    stdout=log.open("w"),
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
         deadline = time.time() + 60
         while node_id == 0 and not listening(port) and time.time() < deadline:  # node 0 hosts the rendezvous
             time.sleep(0.1)
     for proc, log in nodes:
         proc.wait(timeout=300)
         assert proc.returncode == 0, log.read_text()[-3000:]
-    assert f"node 0/2 on {socket.gethostname()}: 1 processes (0 GPUs), rendezvous 127.0.0.1:{port}" in nodes[0][1].read_text()
+    assert (
+        f"node 0/2 on {socket.gethostname()}: 1 processes (0 GPUs), rendezvous 127.0.0.1:{port}"
+        in nodes[0][1].read_text()
+    )
     assert "[rank 0/2] done: step 4" in nodes[0][1].read_text()
     assert final_state(run_dir)["world_size"] == 2 and (latest_checkpoint(run_dir) / "rank1.pt").is_file()
     assert final_state(run_dir)["backend"] == backend
@@ -75,22 +113,33 @@ def slurm(tmp_path_factory) -> dict:
     """A single-node SLURM on this machine for these tests; skipped, with the reason, where none can run."""
     if shutil.which("slurmctld", path=f"{os.environ['PATH']}:/usr/sbin") is None:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("SLURM is not installed and cannot be installed here (needs root and apt-get for "
-                        "slurm-wlm and munge)")
-        installed = subprocess.run([str(REPO / "slurm" / "local_cluster.sh"), "install"], capture_output=True, text=True)
+            pytest.skip(
+                "SLURM is not installed and cannot be installed here (needs root and apt-get for slurm-wlm and munge)"
+            )
+        installed = subprocess.run(
+            [str(REPO / "slurm" / "local_cluster.sh"), "install"], capture_output=True, text=True
+        )
         if installed.returncode != 0:
             pytest.skip(f"installing slurm-wlm and munge failed: {installed.stderr[-500:]}")
     if os.geteuid() != 0:
         pytest.skip("slurmd must run as root to start jobs, and these tests do not run as root")
     state = tmp_path_factory.mktemp("slurm")
     env = {**ENV, "SLURMCTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
-    started = subprocess.run([str(REPO / "slurm" / "local_cluster.sh"), "start", str(state)], env=env,
-                             capture_output=True, text=True, timeout=120)
+    started = subprocess.run(
+        [str(REPO / "slurm" / "local_cluster.sh"), "start", str(state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if started.returncode != 0:
         logs = "".join(p.read_text()[-1000:] for p in (state / "log").glob("*.log"))
         pytest.skip(f"a local slurmctld + slurmd could not start: {started.stdout}{started.stderr}{logs}")
     yield {**ENV, "SLURM_CONF": str(state / "slurm.conf")}
-    subprocess.run(["scancel", "--full", "--user", os.environ.get("USER", "root")], env={**ENV, "SLURM_CONF": str(state / "slurm.conf")})
+    subprocess.run(
+        ["scancel", "--full", "--user", os.environ.get("USER", "root")],
+        env={**ENV, "SLURM_CONF": str(state / "slurm.conf")},
+    )
     subprocess.run([str(REPO / "slurm" / "local_cluster.sh"), "stop", str(state)])
 
 
@@ -98,8 +147,14 @@ def sbatch(env: dict, script: str, *args: str, wait: bool = False, **options: st
     """Submit a script with CPU-sized resources; returns (job id, sbatch's exit code)."""
     resources = {"nodes": "1", "cpus_per_task": "2", "gpus_per_node": "0", "mem": "2G", "time": "15", **options}
     flags = [f"--{key.replace('_', '-')}={value}" for key, value in resources.items()]
-    proc = subprocess.run(["sbatch", "--parsable", *(["--wait"] if wait else []), *flags, f"slurm/{script}", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *(["--wait"] if wait else []), *flags, f"slurm/{script}", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return int(proc.stdout.split(";")[0].split()[0]), proc.returncode
 
 
@@ -132,8 +187,9 @@ def test_train_sbatch_trains_on_a_real_slurm(trained):
 
 
 @pytest.mark.slow
-def test_train_sbatch_checkpoints_requeues_and_resumes_on_the_time_limit_signal(slurm, trained, synthetic_shards,
-                                                                               tmp_path):
+def test_train_sbatch_checkpoints_requeues_and_resumes_on_the_time_limit_signal(
+    slurm, trained, synthetic_shards, tmp_path
+):
     """SIGUSR1 to the batch shell, as --signal=B:USR1@300 sends it: the processes checkpoint, the job
     requeues itself, the second attempt resumes and ends with the uninterrupted run's weights."""
     run_dir, log_path = tmp_path / "run", tmp_path / "job.out"
@@ -146,8 +202,9 @@ def test_train_sbatch_checkpoints_requeues_and_resumes_on_the_time_limit_signal(
         time.sleep(0.05)
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=slurm, check=True)
     while job_field(slurm, job, "JobState") != "COMPLETED":
-        assert time.time() < deadline and job_field(slurm, job, "JobState") not in ("FAILED", "CANCELLED"), \
+        assert time.time() < deadline and job_field(slurm, job, "JobState") not in ("FAILED", "CANCELLED"), (
             log_path.read_text()[-3000:]
+        )
         time.sleep(1)
     log = log_path.read_text()
     assert job_field(slurm, job, "Restarts") == "1"
@@ -162,8 +219,10 @@ def test_train_sbatch_checkpoints_requeues_and_resumes_on_the_time_limit_signal(
 
 @pytest.mark.slow
 def test_eval_sbatch_scores_runs_and_writes_the_report(slurm, trained, tmp_path):
-    eval_args = "--num-samples 24 eval.inception_weights=random eval.num_real=24 eval.batch_size=8 " \
-                f"eval.kid_subsets=5 eval.kid_subset_size=12 eval.stats_dir={tmp_path / 'stats'}"
+    eval_args = (
+        "--num-samples 24 eval.inception_weights=random eval.num_real=24 eval.batch_size=8 "
+        f"eval.kid_subsets=5 eval.kid_subset_size=12 eval.stats_dir={tmp_path / 'stats'}"
+    )
     env = {**slurm, "EVAL_ARGS": eval_args, "REPORT": str(tmp_path / "report"), "PROCS_PER_NODE": "2"}
     job, code = sbatch(env, "eval.sbatch", str(trained), wait=True, output=str(tmp_path / "job.out"))
     log = (tmp_path / "job.out").read_text()
@@ -175,8 +234,9 @@ def test_eval_sbatch_scores_runs_and_writes_the_report(slurm, trained, tmp_path)
 
 @pytest.mark.slow
 def test_sweep_sbatch_runs_a_sweep_on_a_ray_cluster_in_the_job(slurm, synthetic_shards, tmp_path):
-    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 4e-4]}}, num_samples=1,
-                       scheduler="fifo")
+    path = write_sweep(
+        tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 4e-4]}}, num_samples=1, scheduler="fifo"
+    )
     env = {**slurm, "SWEEP": str(path), "RAY_AUTH_MODE": "disabled"}
     address_file = Path("/tmp/ray/ray_current_cluster")  # what `ray start --head` leaves until `ray stop`
     had_cluster = address_file.exists()

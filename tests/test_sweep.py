@@ -1,5 +1,6 @@
 """Ray Tune sweeps for real, on a local Ray: a 4-trial sweep, interruption and resume, a failing
 trial, and a data-parallel trial of 2 ranks. Tiny models, random-init Inception, 4 steps each."""
+
 import csv
 import json
 import os
@@ -13,8 +14,8 @@ import psutil
 import pytest
 import torch
 import yaml
-
 from conftest import REPO
+
 from gendist.config import ConfigError, load_config
 from gendist.sweep import load_sweep
 
@@ -24,12 +25,23 @@ def write_sweep(tmp_path: Path, shards: Path, space: dict, **settings) -> Path:
         "data": {"shards": str(shards), "batch_size": 8, "num_workers": 1, "shuffle_pool": 64},
         "model": {"name": "dcgan", "image_size": 32, "ngf": 8, "ndf": 8, "d_norm": "layer"},
         "train": {"steps": 4, "log_every": 2, "sample_every": 1000, "checkpoint_every": 1000, "num_samples": 16},
-        "eval": {"every": 2, "inception_weights": "random", "num_samples": 16, "num_real": 16, "batch_size": 8,
-                 "kid_subsets": 2, "kid_subset_size": 8, "stats_dir": str(tmp_path / "stats")},
+        "eval": {
+            "every": 2,
+            "inception_weights": "random",
+            "num_samples": 16,
+            "num_real": 16,
+            "batch_size": 8,
+            "kid_subsets": 2,
+            "kid_subset_size": 8,
+            "stats_dir": str(tmp_path / "stats"),
+        },
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    sweep = {"base": "base.yaml", "space": space,
-             "sweep": {"name": "s", "storage_path": str(tmp_path / "results"), "dashboard": False, **settings}}
+    sweep = {
+        "base": "base.yaml",
+        "space": space,
+        "sweep": {"name": "s", "storage_path": str(tmp_path / "results"), "dashboard": False, **settings},
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
@@ -37,8 +49,14 @@ def write_sweep(tmp_path: Path, shards: Path, space: dict, **settings) -> Path:
 
 def gendist_sweep(path: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "RAY_AUTH_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "gendist.sweep", "--config", str(path), *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gendist.sweep", "--config", str(path), *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -73,9 +91,14 @@ def test_sweep_file_errors_name_the_problem(tmp_path, synthetic_shards):
 
 @pytest.mark.slow
 def test_four_trial_sweep_reports_and_writes_the_best_config(tmp_path, synthetic_shards):
-    path = write_sweep(tmp_path, synthetic_shards,
-                       {"optim.lr_g": {"loguniform": [1e-4, 1e-3]}, "optim.betas": {"choice": [[0.5, 0.999], [0.0, 0.9]]}},
-                       num_samples=4, scheduler="asha", grace_period=2)
+    path = write_sweep(
+        tmp_path,
+        synthetic_shards,
+        {"optim.lr_g": {"loguniform": [1e-4, 1e-3]}, "optim.betas": {"choice": [[0.5, 0.999], [0.0, 0.9]]}},
+        num_samples=4,
+        scheduler="asha",
+        grace_period=2,
+    )
     out = finish(gendist_sweep(path))
     assert "4 trials, 0 failed" in out
     rows = trials(tmp_path)
@@ -83,7 +106,9 @@ def test_four_trial_sweep_reports_and_writes_the_best_config(tmp_path, synthetic
     best = min(rows, key=lambda row: float(row["fid"]))
     best_yaml = tmp_path / "results" / "s" / "best_config.yaml"
     cfg = load_config(best_yaml)  # ready to run: a plain experiment config
-    assert cfg.optim.lr_g == pytest.approx(float(best["optim.lr_g"])) and list(cfg.optim.betas) == json.loads(best["optim.betas"])
+    assert cfg.optim.lr_g == pytest.approx(float(best["optim.lr_g"])) and list(cfg.optim.betas) == json.loads(
+        best["optim.betas"]
+    )
     assert best_yaml.read_text().startswith(f"# Best of sweep s: fid {float(best['fid']):.4f}")
     for trial in trial_dirs(tmp_path):
         assert list(trial.glob("events.out.tfevents.*")), "TensorBoard logs"
@@ -94,8 +119,14 @@ def test_four_trial_sweep_reports_and_writes_the_best_config(tmp_path, synthetic
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, synthetic_shards):
-    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 2e-4, 4e-4]}},
-                       num_samples=1, scheduler="fifo", max_concurrent_trials=1)
+    path = write_sweep(
+        tmp_path,
+        synthetic_shards,
+        {"optim.lr_g": {"grid": [1e-4, 2e-4, 4e-4]}},
+        num_samples=1,
+        scheduler="fifo",
+        max_concurrent_trials=1,
+    )
     proc = gendist_sweep(path)
     deadline = time.time() + 300
     started: list[Path] = []
@@ -121,8 +152,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, s
 @pytest.mark.slow
 def test_a_failing_trial_is_recorded_and_the_sweep_completes(tmp_path, synthetic_shards):
     # WGAN-GP refuses batch norm in its critic: that trial raises on every attempt
-    path = write_sweep(tmp_path, synthetic_shards, {"model.d_norm": {"grid": ["layer", "batch"]}}, num_samples=1,
-                       scheduler="fifo", max_failures=1)
+    path = write_sweep(
+        tmp_path,
+        synthetic_shards,
+        {"model.d_norm": {"grid": ["layer", "batch"]}},
+        num_samples=1,
+        scheduler="fifo",
+        max_failures=1,
+    )
     out = finish(gendist_sweep(path, "overrides=[model.name=wgan_gp]"))
     assert "2 trials, 1 failed" in out
     rows = {row["model.d_norm"]: row for row in trials(tmp_path)}
@@ -133,8 +170,14 @@ def test_a_failing_trial_is_recorded_and_the_sweep_completes(tmp_path, synthetic
 
 @pytest.mark.slow
 def test_a_trial_with_two_workers_trains_data_parallel(tmp_path, synthetic_shards):
-    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"choice": [2e-4]}}, num_samples=1,
-                       workers_per_trial=2, cpus_per_worker=1)
+    path = write_sweep(
+        tmp_path,
+        synthetic_shards,
+        {"optim.lr_g": {"choice": [2e-4]}},
+        num_samples=1,
+        workers_per_trial=2,
+        cpus_per_worker=1,
+    )
     finish(gendist_sweep(path))
     (trial,) = trial_dirs(tmp_path)
     checkpoint = trial / "run" / "checkpoints" / "step_0000004"
@@ -150,8 +193,11 @@ def training_process(tmp_path: Path) -> tuple[psutil.Process, Path] | None:
     for candidate in psutil.process_iter(["cmdline"]):
         cmdline = candidate.info["cmdline"] or []
         try:
-            if "gendist.train" in cmdline and str(tmp_path) in " ".join(cmdline) and \
-                    "gendist.train" not in candidate.parent().cmdline():  # not its data-loader worker
+            if (
+                "gendist.train" in cmdline
+                and str(tmp_path) in " ".join(cmdline)
+                and "gendist.train" not in candidate.parent().cmdline()
+            ):  # not its data-loader worker
                 return candidate, Path(next(a.split("=", 1)[1] for a in cmdline if a.startswith("train.run_dir=")))
         except psutil.Error:
             continue
@@ -162,8 +208,15 @@ def training_process(tmp_path: Path) -> tuple[psutil.Process, Path] | None:
 def test_a_trainer_stopped_by_a_signal_is_retried_from_its_last_report(tmp_path, synthetic_shards):
     """SLURM's SIGTERM can reach a trial's training process itself: it checkpoints and exits 0
     mid-run. The trial must not count as finished; Tune retries it from its last reported checkpoint."""
-    path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"choice": [2e-4]}}, num_samples=1,
-                       scheduler="fifo", max_failures=1, cpus_per_worker=2)  # both cores: 2 threads
+    path = write_sweep(
+        tmp_path,
+        synthetic_shards,
+        {"optim.lr_g": {"choice": [2e-4]}},
+        num_samples=1,
+        scheduler="fifo",
+        max_failures=1,
+        cpus_per_worker=2,
+    )  # both cores: 2 threads
     proc = gendist_sweep(path, "overrides=[train.steps=400,eval.every=200]")
     deadline = time.time() + 300
     found = None

@@ -1,4 +1,6 @@
-"""DCGAN (and the original GAN) training: exact resume, checkpoints, outputs; 2 real processes under accelerate and torchrun."""
+"""DCGAN (and the original GAN) training: exact resume, checkpoints, outputs; 2 real processes
+under accelerate and torchrun."""
+
 import dataclasses
 import json
 from pathlib import Path
@@ -6,11 +8,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import REPO, assert_same_weights, launch
+
 from gendist.checkpoint import list_checkpoints, load_checkpoint
 from gendist.config import load_config
-from gendist.dist import seed_everything
+from gendist.distributed import seed_everything
 from gendist.models.dcgan import Generator
 from gendist.training.loop import train
 
@@ -19,22 +21,39 @@ from gendist.training.loop import train
 def test_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path, family):
     """10 steps straight vs 5, stop, resume for 5: bit-identical weights. Two loader workers and
     an epoch of 7 batches, so the resume skips into a worker's stream and crosses an epoch."""
-    common = [*tiny_overrides, f"model.name={family}", "data.batch_size=32", "data.num_workers=2",
-              "train.checkpoint_every=5"]
+    common = [
+        *tiny_overrides,
+        f"model.name={family}",
+        "data.batch_size=32",
+        "data.num_workers=2",
+        "train.checkpoint_every=5",
+    ]
     straight = train(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'a'}"]))
     first = train(load_config(None, [*common, "train.steps=5", f"train.run_dir={tmp_path / 'b'}"]))
     assert first.state.step == 5 and first.state.epoch == 0
     resumed = train(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'b'}"]))
     assert resumed.state.step == 10 and resumed.state.epoch == 1
-    assert dataclasses.replace(straight.state, train_seconds=0.0) == dataclasses.replace(resumed.state, train_seconds=0.0)
+    assert dataclasses.replace(straight.state, train_seconds=0.0) == dataclasses.replace(
+        resumed.state, train_seconds=0.0
+    )
     assert_same_weights(straight["generator"].state_dict(), resumed["generator"].state_dict())
     assert_same_weights(straight["discriminator"].state_dict(), resumed["discriminator"].state_dict())
 
 
 def test_run_folder_outputs_and_checkpoint_contents(tiny_overrides, tmp_path):
     run = tmp_path / "run"
-    train(load_config(None, [*tiny_overrides, "train.steps=6", "train.checkpoint_every=2",
-                                 "train.sample_every=3", "train.keep_checkpoints=2"]))
+    train(
+        load_config(
+            None,
+            [
+                *tiny_overrides,
+                "train.steps=6",
+                "train.checkpoint_every=2",
+                "train.sample_every=3",
+                "train.keep_checkpoints=2",
+            ],
+        )
+    )
     assert [p.name for p in list_checkpoints(run)] == ["step_0000004", "step_0000006"]
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -57,8 +76,11 @@ def test_partial_checkpoint_is_ignored(tiny_overrides, tmp_path):
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002", "step_0000004"]
 
 
-def test_bf16_autocast_path_trains(tiny_overrides):
-    result = train(load_config(None, [*tiny_overrides, "train.steps=2", "train.mixed_precision=bf16"]))
+@pytest.mark.parametrize("family", ["dcgan", "gan"])
+def test_bf16_autocast_path_trains(tiny_overrides, family):
+    result = train(
+        load_config(None, [*tiny_overrides, f"model.name={family}", "train.steps=2", "train.mixed_precision=bf16"])
+    )
     assert all(torch.isfinite(p).all() for p in result["generator"].parameters())
 
 
@@ -85,8 +107,12 @@ def test_entry_point_two_processes_then_resume(tiny_overrides, tmp_path):
     """The real `accelerate launch -m gendist.train` twice: 4 steps, then resumed to 6."""
     run = tmp_path / "run"
     for steps in (4, 6):
-        proc = launch("accelerate", tmp_path, [*tiny_overrides, f"train.steps={steps}", "train.checkpoint_every=2"],
-                      ["-m", "gendist.train"])
+        proc = launch(
+            "accelerate",
+            tmp_path,
+            [*tiny_overrides, f"train.steps={steps}", "train.checkpoint_every=2"],
+            ["-m", "gendist.train"],
+        )
         assert latest_step(run) == steps, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (tmp_path / "accelerate.log").read_text()
     assert "resumed from" in log and "step_0000004 at step 4" in log

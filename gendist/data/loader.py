@@ -11,6 +11,7 @@ A damaged shard that yields less than its manifest says does not leave a slot sh
 Everything random derives from (seed, epoch, slot), so an epoch can be replayed and a resumed run
 skips exactly the batches it had already consumed.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -73,8 +74,10 @@ def _split_layout(shard_dir: str, split: str, image_size: int) -> tuple[dict, li
         available = [name for name, s in splits.items() if s["count"]]
         raise ValueError(f"{shard_dir} has no '{split}' shards; splits with data: {', '.join(available)}")
     if splits[split]["count"] == 0:
-        raise ValueError(f"the '{split}' split of {shard_dir} holds no images: its {len(splits[split]['shards'])} "
-                         f"shards count 0 in the manifest (every source image failed to convert?)")
+        raise ValueError(
+            f"the '{split}' split of {shard_dir} holds no images: its {len(splits[split]['shards'])} "
+            f"shards count 0 in the manifest (every source image failed to convert?)"
+        )
     return manifest, [_Shard(str(Path(shard_dir) / s["name"]), s["count"]) for s in splits[split]["shards"]]
 
 
@@ -85,7 +88,8 @@ def split_shards(shard_dir: str, split: str, image_size: int) -> tuple[list[str]
 
 
 class _Counters:
-    """Damage seen so far: unreadable samples, shards and tar headers (errors), images a read did not deliver (short)."""
+    """Damage seen so far: unreadable samples, shards and tar headers (errors), and images a read
+    did not deliver (short)."""
 
     def __init__(self) -> None:
         self.errors = 0
@@ -143,7 +147,9 @@ def _tar_samples(path: str, first: int, stop: int, counters: _Counters) -> Itera
         tar.close()
 
 
-def _read_images(shard: _Shard, per_sample: int, first: int, stop: int, size: int, counters: _Counters) -> Iterator[Block]:
+def _read_images(
+    shard: _Shard, per_sample: int, first: int, stop: int, size: int, counters: _Counters
+) -> Iterator[Block]:
     """Images first..stop-1 of a shard (manifest numbering: sample k holds images k*per_sample on),
     in order; undecodable samples are counted and left out."""
     for index, sample in _tar_samples(shard.path, first // per_sample, -(-stop // per_sample), counters):
@@ -173,9 +179,11 @@ class ShardStream(IterableDataset):
         self.batches = batches_per_epoch(self.num_images, spec.world_size, spec.batch_size)
         if self.batches == 0:
             ranks = f"{spec.world_size} rank{'s' if spec.world_size > 1 else ''}"
-            raise ValueError(f"data.batch_size={spec.batch_size} on {ranks} needs at least "
-                             f"{spec.batch_size * spec.world_size} images per epoch; the '{spec.split}' split of "
-                             f"{spec.shard_dir} has {self.num_images}")
+            raise ValueError(
+                f"data.batch_size={spec.batch_size} on {ranks} needs at least "
+                f"{spec.batch_size * spec.world_size} images per epoch; the '{spec.split}' split of "
+                f"{spec.shard_dir} has {self.num_images}"
+            )
 
     def __len__(self) -> int:
         return self.batches
@@ -221,8 +229,10 @@ class ShardStream(IterableDataset):
         position = start
         while delivered < length:
             if barren >= self.num_images:
-                raise RuntimeError(f"no readable sample in the '{self.spec.split}' split of {self.spec.shard_dir} "
-                                   f"({counters.errors} errors in {len(order)} shards)")
+                raise RuntimeError(
+                    f"no readable sample in the '{self.spec.split}' split of {self.spec.shard_dir} "
+                    f"({counters.errors} errors in {len(order)} shards)"
+                )
             at = position % self.num_images
             i = bisect.bisect_right(ends, at)
             shard = order[i]
@@ -239,9 +249,11 @@ class ShardStream(IterableDataset):
                 counters.short += stop - first - got
                 if shard.path not in warned:
                     warned.add(shard.path)
-                    line = (f"gendist: warning: {shard.path} yielded {got} of the {stop - first} images the manifest "
-                            f"lists at {first}..{stop - 1} (of {shard.count}); reading on past this slot's range "
-                            f"(rank {self.spec.rank}, epoch {self.epoch})\n")
+                    line = (
+                        f"gendist: warning: {shard.path} yielded {got} of the {stop - first} images the manifest "
+                        f"lists at {first}..{stop - 1} (of {shard.count}); reading on past this slot's range "
+                        f"(rank {self.spec.rank}, epoch {self.epoch})\n"
+                    )
                     sys.stderr.write(line)  # in one write: the workers share stderr
                     sys.stderr.flush()
 
@@ -255,7 +267,10 @@ def decode_sample(sample: dict, size: int) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"sample {sample.get('__key__')} has no images.npy, jpg or png field")
         images = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[None]
     if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
-        raise ValueError(f"sample {sample.get('__key__')}: images of {images.shape} {images.dtype}, expected (n,{size},{size},3) uint8")
+        raise ValueError(
+            f"sample {sample.get('__key__')}: images of {images.shape} {images.dtype}, "
+            f"expected (n,{size},{size},3) uint8"
+        )
     attrs = np.load(io.BytesIO(sample["attrs.npy"]), allow_pickle=False).reshape(len(images), -1)
     return images, attrs
 
@@ -279,7 +294,7 @@ def _pooled_batches(blocks: Iterable[Block], spec: StreamSpec, rng: np.random.Ge
         order = rng.permutation(held)
         usable = held - held % spec.batch_size
         for start in range(0, usable, spec.batch_size):
-            take = order[start:start + spec.batch_size]
+            take = order[start : start + spec.batch_size]
             batch = all_images[take]
             if spec.hflip:
                 flip = rng.random(len(batch)) < 0.5
@@ -309,8 +324,13 @@ def read_in_order(shard_dir: str, split: str, image_size: int, limit: int = 0) -
     return images, attrs, counters.errors
 
 
-def make_loader(spec: StreamSpec, num_workers: int, epoch: int = 0, skip_batches: int = 0,
-                worker_init_fn: Callable[[int], None] | None = None) -> DataLoader:
+def make_loader(
+    spec: StreamSpec,
+    num_workers: int,
+    epoch: int = 0,
+    skip_batches: int = 0,
+    worker_init_fn: Callable[[int], None] | None = None,
+) -> DataLoader:
     """A DataLoader over one epoch; its own generator keeps the global torch RNG untouched.
     `worker_init_fn` runs in each worker (the trainer's sets the workers' signal handling)."""
     stream = ShardStream(spec, epoch, skip_batches)

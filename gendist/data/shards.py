@@ -5,6 +5,7 @@ as one .npy per sample, so reading costs a memcpy instead of a JPEG decode and t
 Python overhead is paid once per block. `jpeg`/`png` store one image per sample, the layout any
 WebDataset user can read, at a fraction of the size.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -68,7 +69,9 @@ class ShardTask:
 _worker: dict = {}
 
 
-def _init_worker(source: ImageSource, preprocess: Preprocess, encoding: Encoding, per_sample: int, out_dir: Path) -> None:
+def _init_worker(
+    source: ImageSource, preprocess: Preprocess, encoding: Encoding, per_sample: int, out_dir: Path
+) -> None:
     _worker.update(source=source, preprocess=preprocess, encoding=encoding, per_sample=per_sample, out_dir=out_dir)
 
 
@@ -123,12 +126,14 @@ def _write_shard(task: ShardTask) -> dict:
         if encoding == "raw":
             for start in range(0, len(images), per_sample):
                 block = slice(start, start + per_sample)
-                sink.write({
-                    "__key__": f"{task.split}-{task.index:05d}-{start:06d}",
-                    "images.npy": _npy_bytes(np.stack(images[block])),
-                    "attrs.npy": _npy_bytes(np.stack(attributes[block]).reshape(len(keys[block]), -1)),
-                    "keys.txt": "\n".join(keys[block]).encode(),
-                })
+                sink.write(
+                    {
+                        "__key__": f"{task.split}-{task.index:05d}-{start:06d}",
+                        "images.npy": _npy_bytes(np.stack(images[block])),
+                        "attrs.npy": _npy_bytes(np.stack(attributes[block]).reshape(len(keys[block]), -1)),
+                        "keys.txt": "\n".join(keys[block]).encode(),
+                    }
+                )
         else:
             for key, image, attrs in zip(keys, images, attributes):
                 extension, data = _encoded(image, encoding)
@@ -170,7 +175,7 @@ def write_shards(
         keys = list(keys)
         random.Random(f"{seed}-{split}").shuffle(keys)
         for index, start in enumerate(range(0, len(keys), shard_size)):
-            chunk = keys[start:start + shard_size]
+            chunk = keys[start : start + shard_size]
             attrs = np.stack([plan.attributes[k] for k in chunk]) if num_attrs else np.zeros((len(chunk), 0), np.int8)
             tasks.append(ShardTask(split, index, chunk, attrs))
     total = sum(len(t.keys) for t in tasks)
@@ -180,18 +185,27 @@ def write_shards(
 
     started = time.perf_counter()
     results = []
-    columns = (TextColumn("[bold]shards[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]shards[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=not show_progress) as progress:
         bar = progress.add_task(source.name, total=total)
-        with multiprocessing.Pool(workers, _init_worker, (source, preprocess, encoding, images_per_sample, out_dir)) as pool:
+        with multiprocessing.Pool(
+            workers, _init_worker, (source, preprocess, encoding, images_per_sample, out_dir)
+        ) as pool:
             for result in pool.imap_unordered(_write_shard, tasks):
                 results.append(result)
                 progress.advance(bar, result["count"] + len(result["corrupt"]))
     seconds = time.perf_counter() - started
     corrupt = [line for r in results for line in r["corrupt"]]
     if not any(r["count"] for r in results):  # so no shard file was written either
-        raise ValueError(f"{source.name}: no image could be converted, all {len(corrupt)} were corrupt "
-                         f"(e.g. {corrupt[0]}); wrote no shard set to {out_dir}")
+        raise ValueError(
+            f"{source.name}: no image could be converted, all {len(corrupt)} were corrupt "
+            f"(e.g. {corrupt[0]}); wrote no shard set to {out_dir}"
+        )
 
     splits = {}
     for split in plan.splits:
@@ -203,8 +217,11 @@ def write_shards(
     manifest = {
         "format": FORMAT,
         "dataset": source.name,
-        "preprocessing": {**asdict(preprocess), "crop": "centre square, side = crop_fraction x shorter side",
-                          "resize": "PIL bicubic, antialiased"},
+        "preprocessing": {
+            **asdict(preprocess),
+            "crop": "centre square, side = crop_fraction x shorter side",
+            "resize": "PIL bicubic, antialiased",
+        },
         "encoding": encoding,
         "images_per_sample": images_per_sample,
         "attribute_names": plan.attribute_names,
@@ -219,12 +236,19 @@ def write_shards(
     os.replace(partial, out_dir / MANIFEST)
     converted = sum(s["count"] for s in splits.values())
     written = sum(len(s["shards"]) for s in splits.values())
-    manifest_summary = f"{converted} images in {written} shards, {seconds:.1f} s ({converted / seconds:.0f} images/s, {workers} workers)"
-    emptied = [f"; split {split} is EMPTY: all {len(keys)} of its images were corrupt"
-               for split, keys in plan.splits.items() if keys and not splits[split]["count"]]
+    manifest_summary = (
+        f"{converted} images in {written} shards, {seconds:.1f} s "
+        f"({converted / seconds:.0f} images/s, {workers} workers)"
+    )
+    emptied = [
+        f"; split {split} is EMPTY: all {len(keys)} of its images were corrupt"
+        for split, keys in plan.splits.items()
+        if keys and not splits[split]["count"]
+    ]
     if show_progress:
-        progress.console.print(f"wrote {out_dir}: {manifest_summary}; left out: {manifest['left_out']}{''.join(emptied)}",
-                               soft_wrap=True)
+        progress.console.print(
+            f"wrote {out_dir}: {manifest_summary}; left out: {manifest['left_out']}{''.join(emptied)}", soft_wrap=True
+        )
     return manifest
 
 
@@ -278,22 +302,37 @@ def verify_shards(shard_dir: str | Path, show_progress: bool = False) -> ShardCh
     manifest = read_manifest(shard_dir)
     listed = [shard for split in manifest["splits"].values() for shard in split["shards"]]
     problems = []
-    columns = (TextColumn("[bold]verify[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]verify[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), disable=not show_progress) as progress:
         for entry in progress.track(listed, description=str(shard_dir)):
             path = shard_dir / entry["name"]
             if not path.is_file():
-                problems.append(ShardProblem("missing", entry["name"], f"listed with {entry['count']} images, not found"))
+                problems.append(
+                    ShardProblem("missing", entry["name"], f"listed with {entry['count']} images, not found")
+                )
                 continue
             size = path.stat().st_size
             if "bytes" in entry and size != entry["bytes"]:  # manifests written before sizes lack "bytes"
-                problems.append(ShardProblem("changed", entry["name"], f"{size} bytes, {MANIFEST} says {entry['bytes']}"))
+                problems.append(
+                    ShardProblem("changed", entry["name"], f"{size} bytes, {MANIFEST} says {entry['bytes']}")
+                )
                 continue
             digest = file_sha256(path)
             if digest != entry["sha256"]:
-                problems.append(ShardProblem("changed", entry["name"],
-                                             f"sha256 {digest[:16]}..., {MANIFEST} says {entry['sha256'][:16]}..."))
+                problems.append(
+                    ShardProblem(
+                        "changed", entry["name"], f"sha256 {digest[:16]}..., {MANIFEST} says {entry['sha256'][:16]}..."
+                    )
+                )
     names = {entry["name"] for entry in listed}
-    problems += [ShardProblem("extra", path.name, f"not listed in {MANIFEST}")
-                 for path in sorted(shard_dir.glob("*.tar")) if path.name not in names]
+    problems += [
+        ShardProblem("extra", path.name, f"not listed in {MANIFEST}")
+        for path in sorted(shard_dir.glob("*.tar"))
+        if path.name not in names
+    ]
     return ShardCheck(shard_dir, len(listed), problems)

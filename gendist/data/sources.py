@@ -3,6 +3,7 @@
 A source is a picklable description (paths, keys, attributes); each worker process opens files
 itself, so conversion runs in parallel without sharing handles.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -176,9 +177,7 @@ class FolderSource(ImageSource):
         self.name = self.root.name
 
     def plan(self) -> SplitPlan:
-        keys = sorted(
-            str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        keys = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not keys:
             raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {self.root}")
         splits: dict[str, list[str]] = {"train": [], "val": []}

@@ -4,6 +4,7 @@ Faces are drawn at CelebA's aligned size (178x218) with the face where CelebA ha
 preprocessing (centre crop by fraction, resize) and the same shard writer apply. Each image is a
 pure function of (seed, index): the set is rebuilt identically anywhere, never downloaded.
 """
+
 from __future__ import annotations
 
 import random
@@ -16,10 +17,25 @@ from gendist.data.sources import ImageSource, SplitPlan
 VERSION = 2  # bump when the drawing changes: cached shard sets are keyed by it
 WIDTH, HEIGHT = 178, 218
 # Attribute names follow CelebA's spelling so conditional configs work on both datasets.
-ATTRIBUTES = ["Male", "Smiling", "Eyeglasses", "Blond_Hair", "Black_Hair", "Brown_Hair", "Gray_Hair",
-              "Bangs", "Mouth_Slightly_Open", "Pale_Skin", "No_Beard"]
-HAIR = {"Blond_Hair": (222, 190, 110), "Black_Hair": (30, 24, 22), "Brown_Hair": (105, 66, 40),
-        "Gray_Hair": (165, 165, 168)}
+ATTRIBUTES = [
+    "Male",
+    "Smiling",
+    "Eyeglasses",
+    "Blond_Hair",
+    "Black_Hair",
+    "Brown_Hair",
+    "Gray_Hair",
+    "Bangs",
+    "Mouth_Slightly_Open",
+    "Pale_Skin",
+    "No_Beard",
+]
+HAIR = {
+    "Blond_Hair": (222, 190, 110),
+    "Black_Hair": (30, 24, 22),
+    "Brown_Hair": (105, 66, 40),
+    "Gray_Hair": (165, 165, 168),
+}
 SKIN = [(241, 206, 180), (224, 172, 138), (198, 134, 100), (141, 85, 56), (96, 60, 42)]
 
 
@@ -62,13 +78,17 @@ def draw_face(seed: int, index: int) -> Image.Image:
     # Shoulders, hair behind the head (long for most non-male faces), head, ears.
     draw.ellipse((cx - 80, cy + half_h - 6, cx + 80, cy + half_h + 120), fill=jitter(background, 60))
     if not attrs["Male"]:
-        draw.rounded_rectangle((cx - half_w - 10, cy - half_h - 8, cx + half_w + 10, cy + half_h + 30), 30, fill=hair_color)
+        draw.rounded_rectangle(
+            (cx - half_w - 10, cy - half_h - 8, cx + half_w + 10, cy + half_h + 30), 30, fill=hair_color
+        )
     draw.ellipse((cx - half_w - 6, cy - 10, cx - half_w + 8, cy + 14), fill=skin)
     draw.ellipse((cx + half_w - 8, cy - 10, cx + half_w + 6, cy + 14), fill=skin)
     draw.ellipse((cx - half_w, cy - half_h, cx + half_w, cy + half_h), fill=skin)
     # Hair on top; bangs come lower over the forehead.
     top = cy - half_h - rng.randint(4, 10)
-    draw.chord((cx - half_w - 4, top, cx + half_w + 4, cy + (0 if attrs["Bangs"] else -half_h // 2)), 180, 360, fill=hair_color)
+    draw.chord(
+        (cx - half_w - 4, top, cx + half_w + 4, cy + (0 if attrs["Bangs"] else -half_h // 2)), 180, 360, fill=hair_color
+    )
     if attrs["Bangs"]:
         draw.rectangle((cx - half_w + 4, cy - half_h // 2, cx + half_w - 4, cy - half_h // 4), fill=hair_color)
     if not attrs["No_Beard"]:

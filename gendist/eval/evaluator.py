@@ -5,10 +5,11 @@ tensor, each rank generates and embeds a contiguous share, and the features are 
 sample order, so the statistics do not depend on the number of ranks. Generated images are
 quantised to uint8 levels like the real ones (and like a PNG on disk) before Inception.
 """
+
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,14 +17,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from gendist import dist
+from gendist import distributed
 from gendist.config import RunConfig
 from gendist.data.loader import read_in_order
 from gendist.eval import reference as ref_cache
 from gendist.eval.inception import FidInception, weights_id
-from gendist.families.base import Generate, Reconstruct
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
-from gendist.reporting import append_jsonl, read_jsonl
+from gendist.families.base import Generate, Reconstruct
+from gendist.progress import append_jsonl, read_jsonl
 
 EVAL_LOG = "eval.jsonl"
 PROTOCOL = "pytorch-fid InceptionV3 pool3 (2048-d), bilinear resize to 299x299, images quantised to uint8"
@@ -71,7 +72,7 @@ class Evaluator:
         return self._inception
 
     def _share(self, total: int) -> tuple[int, int]:
-        return dist.chunk_bounds(total, self.accelerator.process_index, self.accelerator.num_processes)
+        return distributed.chunk_bounds(total, self.accelerator.process_index, self.accelerator.num_processes)
 
     # -- the real side -------------------------------------------------------------------------
     def reference(self, timer: Timer | None = None) -> ref_cache.Reference:
@@ -81,13 +82,15 @@ class Evaluator:
         ev = self.cfg.eval
         key, described = ref_cache.describe(self.shard_dir, ev.split, ev.num_real, weights_id(ev.inception_weights))
         path = ref_cache.cache_path(self.stats_dir, self.shard_dir, ev.split, described["images"], key)
-        cached = dist.broadcast_from_main(self.accelerator, path.is_file())
+        cached = distributed.broadcast_from_main(self.accelerator, path.is_file())
         reference = ref_cache.load(path, key) if cached and self.accelerator.is_main_process else None
         if not cached:
             reference = self._build_reference(key, described, path, timer or Timer(self.device))
         # Only rank 0 computes distances; the others need the attributes (labels) and the description.
-        shared = dist.broadcast_from_main(self.accelerator, None if reference is None else
-                                          (reference.attrs, reference.description, str(reference.path)))
+        shared = distributed.broadcast_from_main(
+            self.accelerator,
+            None if reference is None else (reference.attrs, reference.description, str(reference.path)),
+        )
         if reference is None:
             empty = np.zeros(0)
             reference = ref_cache.Reference(empty, empty, empty, empty, shared[0], key, Path(shared[2]), shared[1])
@@ -97,14 +100,17 @@ class Evaluator:
     def _build_reference(self, key: str, described: dict, path: Path, timer: Timer) -> ref_cache.Reference | None:
         """Embed the reference images on all ranks; rank 0 computes, caches and returns the statistics."""
         ev = self.cfg.eval
-        dist.rank_print(self.accelerator, f"FID reference: embedding {described['images']} '{ev.split}' images "
-                                          f"of {self.shard_dir} once; cached at {path}")
+        distributed.rank_print(
+            self.accelerator,
+            f"FID reference: embedding {described['images']} '{ev.split}' images "
+            f"of {self.shard_dir} once; cached at {path}",
+        )
         images, attrs, _ = read_in_order(self.shard_dir, ev.split, self.cfg.model.image_size, ev.num_real)
         start, end = self._share(len(images))
         features = []
         with timer.phase("reference_features"):
             for i in range(start, end, ev.batch_size):
-                features.append(self.inception(unit_range(images[i:min(i + ev.batch_size, end)], self.device)))
+                features.append(self.inception(unit_range(images[i : min(i + ev.batch_size, end)], self.device)))
         gathered = self._gather(features, len(images))
         if not self.accelerator.is_main_process:
             return None
@@ -116,11 +122,12 @@ class Evaluator:
 
     def _gather(self, features: list[torch.Tensor], total: int) -> np.ndarray:
         local = torch.cat(features) if features else torch.zeros(0, 2048, device=self.device)
-        return dist.gather_rows(self.accelerator, local, total).numpy()
+        return distributed.gather_rows(self.accelerator, local, total).numpy()
 
     # -- the generated side --------------------------------------------------------------------
-    def evaluate(self, generate: Generate, step: int, generator_label: str,
-                 reconstruct: Reconstruct | None = None) -> dict:
+    def evaluate(
+        self, generate: Generate, step: int, generator_label: str, reconstruct: Reconstruct | None = None
+    ) -> dict:
         """One evaluation; returns the row (on every rank) that rank 0 appends to eval.jsonl."""
         ev, timer = self.cfg.eval, Timer(self.device)
         reference = self.reference(timer)
@@ -143,21 +150,27 @@ class Evaluator:
             with timer.phase("frechet"):
                 row["fid"] = frechet_distance(reference.mu, reference.sigma, mu, sigma, reference.sqrt_sigma)
             with timer.phase("kid"):
-                row["kid"], row["kid_std"] = kernel_inception_distance(reference.features, generated, ev.kid_subsets,
-                                                                       ev.kid_subset_size, ev.seed)
+                row["kid"], row["kid_std"] = kernel_inception_distance(
+                    reference.features, generated, ev.kid_subsets, ev.kid_subset_size, ev.seed
+                )
         if reconstruct is not None:
             row.update(self._reconstruction(reconstruct, timer))
-        row = dist.broadcast_from_main(self.accelerator, row)
-        return {"step": step, **row, "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
-                "protocol": self.protocol(reference, generator_label)}
+        row = distributed.broadcast_from_main(self.accelerator, row)
+        return {
+            "step": step,
+            **row,
+            "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+            "protocol": self.protocol(reference, generator_label),
+        }
 
     def _reconstruction(self, reconstruct: Reconstruct, timer: Timer) -> dict:
         """Mean squared error per pixel (values in [0, 1]) of reconstructions of held-out images."""
         ev = self.cfg.eval
         if self._held_out is None:  # read once per run, like the reference
             try:
-                self._held_out = read_in_order(self.shard_dir, ev.recon_split, self.cfg.model.image_size,
-                                               ev.recon_images)[0]
+                self._held_out = read_in_order(
+                    self.shard_dir, ev.recon_split, self.cfg.model.image_size, ev.recon_images
+                )[0]
             except ValueError as err:  # e.g. a dataset without a held-out split: say so in the row
                 self._held_out = str(err)
         if isinstance(self._held_out, str):
@@ -167,21 +180,32 @@ class Evaluator:
         squared = torch.zeros((), dtype=torch.float64, device=self.device)
         with timer.phase("reconstruction"), torch.no_grad():
             for i in range(start, end, ev.batch_size):
-                real = unit_range(images[i:min(i + ev.batch_size, end)], self.device)
+                real = unit_range(images[i : min(i + ev.batch_size, end)], self.device)
                 recon = quantised(reconstruct(real * 2 - 1))
                 squared += (recon - real).double().pow(2).sum()
-        total = dist.sum_across_ranks(self.accelerator, squared).item()
+        total = distributed.sum_across_ranks(self.accelerator, squared).item()
         return {"recon_mse": total / images.size, "recon_images": len(images), "recon_split": ev.recon_split}
 
     def protocol(self, reference: ref_cache.Reference, generator_label: str) -> dict:
         ev = self.cfg.eval
         described = reference.description
-        return {"fid": PROTOCOL, "inception": described["inception"], "generated": ev.num_samples,
-                "generator": generator_label, "noise_seed": ev.seed, "reference_split": described["split"],
-                "reference_images": reference.count, "reference_key": reference.key[:16],
-                "shards": self.shard_dir, "preprocessing": described["preprocessing"],
-                "kid": {"subsets": ev.kid_subsets, "subset_size": min(ev.kid_subset_size, reference.count, ev.num_samples),
-                        "kernel": "(x.y/d + 1)^3"}}
+        return {
+            "fid": PROTOCOL,
+            "inception": described["inception"],
+            "generated": ev.num_samples,
+            "generator": generator_label,
+            "noise_seed": ev.seed,
+            "reference_split": described["split"],
+            "reference_images": reference.count,
+            "reference_key": reference.key[:16],
+            "shards": self.shard_dir,
+            "preprocessing": described["preprocessing"],
+            "kid": {
+                "subsets": ev.kid_subsets,
+                "subset_size": min(ev.kid_subset_size, reference.count, ev.num_samples),
+                "kernel": "(x.y/d + 1)^3",
+            },
+        }
 
 
 def append_row(run_dir: str | Path, row: dict) -> None:

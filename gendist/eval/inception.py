@@ -5,6 +5,7 @@ pytorch-fid builds its network and fetches the weights in one call (`fid_incepti
 state dict comes from: pytorch-fid's file in $TORCH_HOME (downloaded there when missing and
 online), an explicit path (offline clusters), or, for tests, a seeded random initialisation.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,25 +43,31 @@ def weights_id(setting: str) -> str:
 
 
 def _missing_message(path: Path, reason: str) -> str:
-    return (f"FID Inception weights not found: {reason}.\n"
-            f"  On a machine with internet, download {WEIGHTS_URL}\n"
-            f"  and place it at {path}\n"
-            f"  (that is $TORCH_HOME/hub/checkpoints/{WEIGHTS_FILE}; TORCH_HOME defaults to ~/.cache/torch),\n"
-            f"  or put it anywhere and set eval.inception_weights=/path/to/{WEIGHTS_FILE}.")
+    return (
+        f"FID Inception weights not found: {reason}.\n"
+        f"  On a machine with internet, download {WEIGHTS_URL}\n"
+        f"  and place it at {path}\n"
+        f"  (that is $TORCH_HOME/hub/checkpoints/{WEIGHTS_FILE}; TORCH_HOME defaults to ~/.cache/torch),\n"
+        f"  or put it anywhere and set eval.inception_weights=/path/to/{WEIGHTS_FILE}."
+    )
 
 
 def verify_weights(path: Path) -> None:
     size = path.stat().st_size
     if not SIZE_WINDOW[0] <= size <= SIZE_WINDOW[1]:
-        raise InceptionWeightsError(f"{path} has {size:,} bytes; pytorch-fid's {WEIGHTS_FILE} has about "
-                                    f"{TENSOR_BYTES:,}: truncated download or a different file")
+        raise InceptionWeightsError(
+            f"{path} has {size:,} bytes; pytorch-fid's {WEIGHTS_FILE} has about "
+            f"{TENSOR_BYTES:,}: truncated download or a different file"
+        )
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     if not digest.hexdigest().startswith(SHA256_PREFIX):
-        raise InceptionWeightsError(f"{path}: sha256 {digest.hexdigest()[:16]}... does not start with {SHA256_PREFIX}; "
-                                    f"it is not pytorch-fid's {WEIGHTS_FILE}, and its FID would not be comparable")
+        raise InceptionWeightsError(
+            f"{path}: sha256 {digest.hexdigest()[:16]}... does not start with {SHA256_PREFIX}; "
+            f"it is not pytorch-fid's {WEIGHTS_FILE}, and its FID would not be comparable"
+        )
 
 
 def resolve_weights(setting: str, download_timeout_s: float = 60.0) -> Path:

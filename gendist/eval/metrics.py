@@ -5,6 +5,7 @@ R = sqrt(S1), so the trace is the sum of square roots of its eigenvalues: two sy
 eigendecompositions (one if R is cached with the reference statistics) instead of scipy's
 general Schur-based sqrtm, exact up to floating point and much faster at 2048 dimensions.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,8 +24,9 @@ def psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     sqrt_sigma1: np.ndarray | None = None) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, sqrt_sigma1: np.ndarray | None = None
+) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 sqrt(S1 S2)); pass sqrt_sigma1 = psd_sqrt(sigma1) to reuse it."""
     root = psd_sqrt(sigma1) if sqrt_sigma1 is None else sqrt_sigma1
     middle = root @ sigma2 @ root
@@ -34,8 +36,9 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
 
 
-def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
+def kernel_inception_distance(
+    real: np.ndarray, fake: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """KID (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged over
     random subsets of both sets; returns (mean, std over subsets). Kernels run in float32 on the
     CPU with float64 sums (kernel values are O(1))."""

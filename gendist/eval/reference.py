@@ -6,6 +6,7 @@ dataset, another crop or another split gets new statistics, never stale ones. On
 mean, covariance and its square root (float64, for FID), the features (float32, for KID) and the
 attributes of the reference images (the label distribution of conditional models).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,9 @@ def describe(shard_dir: str, split: str, num_real: int, inception: str) -> tuple
     """(key, description) of the reference statistics for these settings."""
     manifest = read_manifest(shard_dir)
     if split not in manifest["splits"]:
-        raise ValueError(f"{shard_dir} has no '{split}' split for the FID reference; it has {', '.join(manifest['splits'])}")
+        raise ValueError(
+            f"{shard_dir} has no '{split}' split for the FID reference; it has {', '.join(manifest['splits'])}"
+        )
     entry = manifest["splits"][split]
     described = {
         "format": FORMAT,
@@ -64,18 +67,34 @@ def save(reference: Reference) -> None:
     reference.path.parent.mkdir(parents=True, exist_ok=True)
     partial = reference.path.with_name(f".{reference.path.name}.{os.getpid()}.partial")
     with partial.open("wb") as sink:
-        np.savez(sink, mu=reference.mu, sigma=reference.sigma, sqrt_sigma=reference.sqrt_sigma,
-                 features=reference.features, attrs=reference.attrs,
-                 description=np.array(json.dumps(reference.description)))
+        np.savez(
+            sink,
+            mu=reference.mu,
+            sigma=reference.sigma,
+            sqrt_sigma=reference.sqrt_sigma,
+            features=reference.features,
+            attrs=reference.attrs,
+            description=np.array(json.dumps(reference.description)),
+        )
     os.replace(partial, reference.path)
 
 
 def load(path: Path, key: str) -> Reference:
     with np.load(path, allow_pickle=False) as stored:
         description = json.loads(str(stored["description"]))
-        reference = Reference(stored["mu"], stored["sigma"], stored["sqrt_sigma"], stored["features"], stored["attrs"],
-                              key, path, description)
+        reference = Reference(
+            stored["mu"],
+            stored["sigma"],
+            stored["sqrt_sigma"],
+            stored["features"],
+            stored["attrs"],
+            key,
+            path,
+            description,
+        )
     stored_key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     if stored_key != key:
-        raise ValueError(f"{path} holds statistics for other settings (key {stored_key[:16]}, wanted {key[:16]}); delete it")
+        raise ValueError(
+            f"{path} holds statistics for other settings (key {stored_key[:16]}, wanted {key[:16]}); delete it"
+        )
     return reference

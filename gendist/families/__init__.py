@@ -1,4 +1,5 @@
 """The registry of families: `model.name` -> the declaration of its networks, phases and sampling."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -7,7 +8,12 @@ from gendist.families import gan, vae
 from gendist.families.base import Family, FamilyInputs
 
 DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
-    "gan": gan.declare, "dcgan": gan.declare, "cgan": gan.declare, "wgan": gan.declare, "wgan_gp": gan.declare, "vae": vae.declare,
+    "gan": gan.declare,
+    "dcgan": gan.declare,
+    "cgan": gan.declare,
+    "wgan": gan.declare,
+    "wgan_gp": gan.declare,
+    "vae": vae.declare,
 }
 
 

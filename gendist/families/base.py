@@ -4,6 +4,7 @@ from the step's batches and shared scratch, how many times it repeats per step),
 (what the grids show and what evaluation scores). gendist.training.loop runs every family the
 same way; this module knows nothing of ranks, engines or checkpoints.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -51,8 +52,13 @@ class StepContext:
     bare modules, the next batch of this rank, the step (counted from 1), the repeat within the
     phase, and scratch shared by the phases of one step (a GAN's last fake batch)."""
 
-    def __init__(self, nets: dict[str, nn.Module], bare: dict[str, nn.Module], next_batch: Callable[[], dict],
-                 device: torch.device) -> None:
+    def __init__(
+        self,
+        nets: dict[str, nn.Module],
+        bare: dict[str, nn.Module],
+        next_batch: Callable[[], dict],
+        device: torch.device,
+    ) -> None:
         self.nets, self.bare, self.next_batch, self.device = nets, bare, next_batch, device
         self.step, self.repeat, self.repeats = 0, 0, 1
         self.scratch: dict[str, Any] = {}

@@ -5,6 +5,7 @@ Per generator step, `loss.n_critic` critic updates, each on a fresh real batch; 
 forwards (real, fake, and for WGAN-GP the interpolates) then ONE backward. The last critic
 repeat's fake keeps its graph and trains the generator, with the critic frozen.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,17 @@ from torchvision.utils import save_image
 
 from gendist.config import ConfigError, RunConfig
 from gendist.engines import for_input_gradients
-from gendist.families.base import (Family, FamilyInputs, Generate, Network, Phase, Sampling, Stats, StepContext,
-                                   in_memory_format)
+from gendist.families.base import (
+    Family,
+    FamilyInputs,
+    Generate,
+    Network,
+    Phase,
+    Sampling,
+    Stats,
+    StepContext,
+    in_memory_format,
+)
 from gendist.losses.gan import d_nonsaturating, d_wasserstein, g_nonsaturating, g_wasserstein, gradient_penalty
 from gendist.models.conditional import ConditionalDiscriminator, ConditionalGenerator
 from gendist.models.dcgan import Discriminator, Generator
@@ -28,17 +38,24 @@ WASSERSTEIN = ("wgan", "wgan_gp")
 def attribute_columns(wanted: list[str], available: list[str]) -> list[int]:
     missing = [name for name in wanted if name not in available]
     if missing:
-        raise ConfigError(f"model.attributes {missing} are not in this dataset; it has: {', '.join(available) or 'none'}")
+        raise ConfigError(
+            f"model.attributes {missing} are not in this dataset; it has: {', '.join(available) or 'none'}"
+        )
     return [available.index(name) for name in wanted]
 
 
 def build_networks(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, nn.Module]:
     m = cfg.model
     if m.name == "gan":
-        networks = FullyConnectedGenerator(m.z_dim, m.ngf, m.image_size), FullyConnectedDiscriminator(m.ndf, m.image_size)
+        networks = (
+            FullyConnectedGenerator(m.z_dim, m.ngf, m.image_size),
+            FullyConnectedDiscriminator(m.ndf, m.image_size),
+        )
     elif m.name == "cgan":
-        networks = (ConditionalGenerator(num_labels, m.z_dim, m.label_dim, m.ngf, m.image_size),
-                    ConditionalDiscriminator(num_labels, m.ndf, m.image_size, m.d_norm))
+        networks = (
+            ConditionalGenerator(num_labels, m.z_dim, m.label_dim, m.ngf, m.image_size),
+            ConditionalDiscriminator(num_labels, m.ndf, m.image_size, m.d_norm),
+        )
     else:
         networks = Generator(m.z_dim, m.ngf, m.image_size), Discriminator(m.ndf, m.image_size, norm=m.d_norm)
     return in_memory_format(networks[0], cfg), in_memory_format(networks[1], cfg)
@@ -53,8 +70,14 @@ def condition(attrs: torch.Tensor, columns: list[int]) -> torch.Tensor | None:
     return (attrs[:, columns] > 0).float() if columns else None
 
 
-def discriminator_loss(critic: nn.Module, cfg: RunConfig, real: torch.Tensor, fake: torch.Tensor,
-                       labels: torch.Tensor | None, alpha: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
+def discriminator_loss(
+    critic: nn.Module,
+    cfg: RunConfig,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    labels: torch.Tensor | None,
+    alpha: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Stats]:
     """The critic's loss on a real and a fake batch, and its statistics.
 
     `alpha` (one per sample, WGAN-GP) is drawn here unless given, which the equivalence tests do.
@@ -134,14 +157,29 @@ def declare(inputs: FamilyInputs) -> Family:
         generate: Generate = lambda z, attrs: call(sampled, z, condition(attrs, columns))  # noqa: E731
         return Sampling(generate, "generator EMA" if "generator_ema" in bare else "generator", write_grids)
 
-    notes = [f"generator EMA: decay {cfg.train.ema_decay} (after its warm-up), a horizon of about "
-             f"{1 / (1 - cfg.train.ema_decay):.0f} generator steps"] if ema else []
+    notes = (
+        [
+            f"generator EMA: decay {cfg.train.ema_decay} (after its warm-up), a horizon of about "
+            f"{1 / (1 - cfg.train.ema_decay):.0f} generator steps"
+        ]
+        if ema
+        else []
+    )
     return Family(
-        networks=[Network("generator", generator, "opt_g", cfg.optim.lr_g, ema=ema),
-                  Network("discriminator", critic, "opt_d", cfg.optim.lr_d)],
-        phases=[Phase("critic", "discriminator", critic_loss, repeats=n_critic,
-                      after_update=clip_critic if name == "wgan" else None),
-                Phase("generator", "generator", generator_loss, frozen=("discriminator",))],
+        networks=[
+            Network("generator", generator, "opt_g", cfg.optim.lr_g, ema=ema),
+            Network("discriminator", critic, "opt_d", cfg.optim.lr_d),
+        ],
+        phases=[
+            Phase(
+                "critic",
+                "discriminator",
+                critic_loss,
+                repeats=n_critic,
+                after_update=clip_critic if name == "wgan" else None,
+            ),
+            Phase("generator", "generator", generator_loss, frozen=("discriminator",)),
+        ],
         sampling=sampling,
         notes=notes,
     )

@@ -3,6 +3,7 @@
 Grids: prior samples from fixed noise (samples/step_*.png) and, for a fixed real batch, originals
 in odd rows above their reconstructions (samples/recon_step_*.png).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,16 @@ def kl_weight(cfg: RunConfig, step: int) -> float:
 
 
 def build_vae(cfg: RunConfig) -> ConvVAE:
-    return in_memory_format(ConvVAE(cfg.model.z_dim, cfg.model.ngf, cfg.model.ndf, cfg.model.image_size,
-                                    learn_sigma=cfg.vae.likelihood == "gaussian_learned"), cfg)
+    return in_memory_format(
+        ConvVAE(
+            cfg.model.z_dim,
+            cfg.model.ngf,
+            cfg.model.ndf,
+            cfg.model.image_size,
+            learn_sigma=cfg.vae.likelihood == "gaussian_learned",
+        ),
+        cfg,
+    )
 
 
 def fixed_real_batch(spec: StreamSpec, count: int) -> torch.Tensor:
@@ -78,10 +87,14 @@ def declare(inputs: FamilyInputs) -> Family:
                 prior, recon = generate(noise.to(device), None), reconstruct(real)
             save_image(prior, folder / f"step_{step:07d}.png", nrow=8, normalize=True, value_range=(-1, 1))
             pairs = torch.stack([real.view(-1, 8, *real.shape[1:]), recon.view(-1, 8, *recon.shape[1:])], dim=1)
-            save_image(pairs.flatten(0, 2), folder / f"recon_step_{step:07d}.png", nrow=8, normalize=True,
-                       value_range=(-1, 1))
+            save_image(
+                pairs.flatten(0, 2), folder / f"recon_step_{step:07d}.png", nrow=8, normalize=True, value_range=(-1, 1)
+            )
 
         return Sampling(generate, SAMPLER_LABEL, write_grids, reconstruct)
 
-    return Family(networks=[Network("vae", net, "optimizer", cfg.optim.lr_g)],
-                  phases=[Phase("elbo", "vae", elbo)], sampling=sampling)
+    return Family(
+        networks=[Network("vae", net, "optimizer", cfg.optim.lr_g)],
+        phases=[Phase("elbo", "vae", elbo)],
+        sampling=sampling,
+    )

@@ -1,4 +1,5 @@
 """Adversarial losses on discriminator logits, computed in fp32 whatever the autocast dtype."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,8 +27,9 @@ def g_wasserstein(fake_scores: torch.Tensor) -> torch.Tensor:
     return -fake_scores.float().mean()
 
 
-def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
-                     alpha: torch.Tensor) -> torch.Tensor:
+def gradient_penalty(
+    critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor
+) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E[(||grad_x D(x_hat)||_2 - 1)^2] at x_hat = a*x + (1-a)*G(z).
 
     `alpha` holds one value per sample (shape B), and the norm is taken over all of a sample's

@@ -1,4 +1,5 @@
 """ELBO terms, per sample (summed over pixels and latent dimensions), averaged over the batch."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,13 @@ def kl_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return (0.5 * (mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float())).sum(dim=1).mean()
 
 
-def reconstruction_nll(decoded: torch.Tensor, images: torch.Tensor, likelihood: str, gaussian_std: float,
-                       log_sigma: torch.Tensor | None = None) -> torch.Tensor:
+def reconstruction_nll(
+    decoded: torch.Tensor,
+    images: torch.Tensor,
+    likelihood: str,
+    gaussian_std: float,
+    log_sigma: torch.Tensor | None = None,
+) -> torch.Tensor:
     """-log p(x | z) for images in [-1, 1].
 
     bernoulli: decoder logits, BCE against pixel intensities in [0, 1] (the common, unnormalised

@@ -4,6 +4,7 @@ The generator sees z concatenated with a learned embedding of the attribute vect
 discriminator sees the image with one extra channel: the attributes embedded and reshaped to the
 image size (the layout of the seeds' conditional GAN).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,7 +14,9 @@ from gendist.models.dcgan import Discriminator, Generator
 
 
 class ConditionalGenerator(nn.Module):
-    def __init__(self, num_labels: int, z_dim: int = 100, label_dim: int = 50, ngf: int = 64, image_size: int = 64) -> None:
+    def __init__(
+        self, num_labels: int, z_dim: int = 100, label_dim: int = 50, ngf: int = 64, image_size: int = 64
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(num_labels, label_dim)
         self.net = Generator(z_dim + label_dim, ngf, image_size)

@@ -5,6 +5,7 @@ Batch norm everywhere except the generator output and the discriminator input, a
 the discriminator's normalisation is selectable because WGAN-GP critics must not mix samples.
 The discriminator returns logits; the sigmoid lives in the loss (numerically stable under AMP).
 """
+
 from __future__ import annotations
 
 import math
@@ -47,14 +48,18 @@ class Generator(nn.Module):
         super().__init__()
         self.z_dim = z_dim
         ups = num_doublings(image_size) - 1
-        width = ngf * 2 ** ups
+        width = ngf * 2**ups
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(z_dim, width, 4, 1, 0, bias=False),
             nn.BatchNorm2d(width),
             nn.ReLU(True),
         ]
         for _ in range(ups):
-            layers += [nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(width // 2),
+                nn.ReLU(True),
+            ]
             width //= 2
         layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -71,8 +76,11 @@ class Discriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         width = ndf
         for _ in range(downs):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"), feature_norm(norm, width * 2),
-                       nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"),
+                feature_norm(norm, width * 2),
+                nn.LeakyReLU(0.2, True),
+            ]
             width *= 2
         layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))
         self.net = nn.Sequential(*layers)

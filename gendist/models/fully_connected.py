@@ -5,6 +5,7 @@ maxout layers (4 x ndf units of 5 pieces each, as the paper's maxout discriminat
 Neither normalises over the batch, so data-parallel steps equal one large-batch step. The paper's
 dropout in D is left out: it would make each rank's step random in its own way.
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ gendist.losses.vae reads them. With learn_sigma, `log_sigma` is the learned deco
 "gaussian_learned" likelihood (one scalar, as in sigma-VAE); otherwise it is None, so DDP never
 waits for the gradient of an unused parameter.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,15 @@ from gendist.models.dcgan import Generator, num_doublings
 
 
 class ConvVAE(nn.Module):
-    def __init__(self, z_dim: int = 128, ngf: int = 64, ndf: int = 64, image_size: int = 64, channels: int = 3,
-                 learn_sigma: bool = False) -> None:
+    def __init__(
+        self,
+        z_dim: int = 128,
+        ngf: int = 64,
+        ndf: int = 64,
+        image_size: int = 64,
+        channels: int = 3,
+        learn_sigma: bool = False,
+    ) -> None:
         super().__init__()
         downs = num_doublings(image_size)
         layers: list[nn.Module] = []

@@ -1,5 +1,6 @@
 """What every family's loop shares: the Session (accelerator, run folder, data position, train
 state, checkpointed objects, metric windows and the log/sample/checkpoint cadence)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,18 +17,25 @@ from accelerate import Accelerator
 from torch import nn
 
 import gendist
-from gendist import dist, engines
-from gendist.checkpoint import (CheckpointError, checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                save_checkpoint, set_aside, set_rng_state)
+from gendist import distributed, engines
+from gendist.checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    set_aside,
+    set_rng_state,
+)
 from gendist.config import ConfigError, OptimConfig, RunConfig, differences, load_into, to_dict, to_yaml
 from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, make_loader
 from gendist.data.shards import MANIFEST, Preprocess, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
 from gendist.eval.evaluator import EVAL_LOG, Evaluator, append_row
 from gendist.families.base import Sampling
-from gendist.reporting import Reporter, drop_rows_after
+from gendist.progress import Reporter, drop_rows_after
 from gendist.stopping import LoaderWorkerSignals, StopRequests
-
 
 PLAIN = "accelerate"  # the backend of DDP runs, as checkpoints name it
 DEEPSPEED_FOLDER = "deepspeed"  # in a checkpoint: one DeepSpeed checkpoint per engine (tag = network name)
@@ -80,16 +88,27 @@ def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
     with accelerator.local_main_process_first():
         if accelerator.is_local_main_process and not (folder / MANIFEST).exists():
             accelerator.print(f"building the embedded synthetic face set in {folder} (once)")
-            write_shards(SyntheticFacesSource(cfg.data.synthetic_count), folder, Preprocess(size),
-                         shard_size=1024, show_progress=True)
+            write_shards(
+                SyntheticFacesSource(cfg.data.synthetic_count),
+                folder,
+                Preprocess(size),
+                shard_size=1024,
+                show_progress=True,
+            )
     return str(folder)
 
 
 def stack_values(values: dict[str, torch.Tensor | float], names: list[str], device: torch.device) -> torch.Tensor:
     """One float vector on `device` of a step's values (device or CPU tensors, Python numbers). A
     number becomes a fill on the device, not a host-to-device copy, which would wait for the stream."""
-    return torch.stack([values[name].detach().float().reshape(()).to(device) if isinstance(values[name], torch.Tensor)
-                        else torch.full((), float(values[name]), device=device) for name in names])
+    return torch.stack(
+        [
+            values[name].detach().float().reshape(()).to(device)
+            if isinstance(values[name], torch.Tensor)
+            else torch.full((), float(values[name]), device=device)
+            for name in names
+        ]
+    )
 
 
 def all_finite(params) -> bool:
@@ -112,13 +131,18 @@ def record_config(cfg: RunConfig, run_dir: Path) -> str | None:
         latest = latest_checkpoint(run_dir)
         networks = [key for key in changed if key.startswith("model.")]
         if latest is not None and networks:
-            return (f"{run_dir} holds checkpoints of other networks ({'; '.join(_changes(changed, networks))}): "
-                    f"they cannot resume with this config; use a new train.run_dir, or the run's own {path}")
+            return (
+                f"{run_dir} holds checkpoints of other networks ({'; '.join(_changes(changed, networks))}): "
+                f"they cannot resume with this config; use a new train.run_dir, or the run's own {path}"
+            )
         kept = path.with_name(f"config.until_step_{checkpoint_step(latest) if latest else 0:07d}.yaml")
         if not kept.exists():
             path.rename(kept)
-        print(f"config changed since this run's last launch: {'; '.join(_changes(changed, list(changed)))} "
-              f"(the previous config is kept as {kept.name})", flush=True)
+        print(
+            f"config changed since this run's last launch: {'; '.join(_changes(changed, list(changed)))} "
+            f"(the previous config is kept as {kept.name})",
+            flush=True,
+        )
     path.write_text(text)
     return None
 
@@ -134,15 +158,21 @@ class Session:
         self.cfg = cfg
         deepspeed = engines.launch_settings()
         # Under DeepSpeed the engines own mixed precision; the Accelerator only runs the process group.
-        self.accelerator = accelerator = dist.build_accelerator("no" if deepspeed else cfg.train.mixed_precision)
+        self.accelerator = accelerator = distributed.build_accelerator("no" if deepspeed else cfg.train.mixed_precision)
         self.engine_config = engines.engine_config(deepspeed, cfg, accelerator.num_processes) if deepspeed else None
         self.device = accelerator.device
         self.run_dir = Path(cfg.train.run_dir)
         shard_dir = resolve_shards(cfg, accelerator)
         self.spec = StreamSpec(
-            shard_dir=shard_dir, split=cfg.data.split, batch_size=cfg.data.batch_size, image_size=cfg.model.image_size,
-            rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.train.seed,
-            shuffle_pool=cfg.data.shuffle_pool, hflip=cfg.data.hflip,
+            shard_dir=shard_dir,
+            split=cfg.data.split,
+            batch_size=cfg.data.batch_size,
+            image_size=cfg.model.image_size,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            seed=cfg.train.seed,
+            shuffle_pool=cfg.data.shuffle_pool,
+            hflip=cfg.data.hflip,
         )
         try:  # the split, the image size and the batch against the split's size: said now, as config errors
             stream = ShardStream(self.spec)
@@ -151,7 +181,7 @@ class Session:
         self.attribute_names: list[str] = stream.attribute_names
         self._split_images = stream.num_images
         refusal = record_config(cfg, self.run_dir) if accelerator.is_main_process else None
-        refusal = dist.broadcast_from_main(accelerator, refusal)
+        refusal = distributed.broadcast_from_main(accelerator, refusal)
         if refusal:
             raise ConfigError(refusal)
         self.state = TrainState()
@@ -173,8 +203,9 @@ class Session:
         self.stopped_early = False
 
     # -- set-up ------------------------------------------------------------------------------
-    def prepare(self, name: str, model: nn.Module, optimizer_name: str,
-                optimizer: torch.optim.Optimizer) -> tuple[nn.Module, engines.Update]:
+    def prepare(
+        self, name: str, model: nn.Module, optimizer_name: str, optimizer: torch.optim.Optimizer
+    ) -> tuple[nn.Module, engines.Update]:
         """A network and its optimizer made distributed (DDP, or a DeepSpeed engine of their own) and
         checkpointed under these names; returns the model to call and the update that steps it."""
         if self.engine_config is not None:
@@ -227,9 +258,12 @@ class Session:
             if rng is not None:
                 set_rng_state(rng)
             elif shared["world_size"] >= self.accelerator.num_processes:
-                print(f"[rank {self.accelerator.process_index}] warning: {checkpoint} has no RNG state of this rank: "
-                      "the resume is not bit-identical", flush=True)
-            dist.rank_print(self.accelerator, f"resumed from {checkpoint} at step {self.state.step}")
+                print(
+                    f"[rank {self.accelerator.process_index}] warning: {checkpoint} has no RNG state of this rank: "
+                    "the resume is not bit-identical",
+                    flush=True,
+                )
+            distributed.rank_print(self.accelerator, f"resumed from {checkpoint} at step {self.state.step}")
         if self.accelerator.is_main_process:
             drop_rows_after(self.run_dir / "metrics.jsonl", self.state.step)
             drop_rows_after(self.run_dir / EVAL_LOG, self.state.step, lambda row: row.get("source") == "training")
@@ -238,7 +272,7 @@ class Session:
 
     def _latest_readable(self) -> tuple[Path | None, dict | None, dict | None]:
         """The newest checkpoint every rank could load, falling back past unreadable ones (said)."""
-        found = dist.broadcast_from_main(self.accelerator, list_checkpoints(self.run_dir))  # one list: one loop
+        found = distributed.broadcast_from_main(self.accelerator, list_checkpoints(self.run_dir))  # one list: one loop
         for checkpoint in reversed(found):
             problem = None
             try:
@@ -246,15 +280,20 @@ class Session:
             except CheckpointError as err:
                 problem = str(err)
                 print(f"[rank {self.accelerator.process_index}] warning: {problem}", flush=True)
-            if not dist.any_rank(self.accelerator, problem is not None):
+            if not distributed.any_rank(self.accelerator, problem is not None):
                 return checkpoint, shared, rng
             if self.accelerator.is_main_process:
                 set_aside(checkpoint)  # kept for a look, out of pruning, eval and compare
-            dist.rank_print(self.accelerator, f"warning: cannot resume from {checkpoint} (set aside as "
-                                              f".{checkpoint.name}.unreadable); trying the checkpoint before it")
+            distributed.rank_print(
+                self.accelerator,
+                f"warning: cannot resume from {checkpoint} (set aside as "
+                f".{checkpoint.name}.unreadable); trying the checkpoint before it",
+            )
         if found:
-            raise CheckpointError(f"none of the {len(found)} checkpoints in {found[0].parent} can be loaded (see the "
-                                  "warnings above); move them away to start this run afresh")
+            raise CheckpointError(
+                f"none of the {len(found)} checkpoints in {found[0].parent} can be loaded (see the "
+                "warnings above); move them away to start this run afresh"
+            )
         return None, None, None
 
     def _check_layout(self, checkpoint: Path, shared: dict) -> None:
@@ -269,23 +308,33 @@ class Session:
         new_batch = self.accelerator.num_processes * self.cfg.data.batch_size
         self.state.batch_in_epoch = self.state.batch_in_epoch * old_batch // new_batch
         described = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
-        dist.rank_print(self.accelerator, f"warning: resuming {checkpoint} with another layout ({described}): training "
-                        "continues, but not bit-identically to an uninterrupted run (the data order and the noise of "
-                        "each rank depend on these); the position in the epoch is carried over as images read")
+        distributed.rank_print(
+            self.accelerator,
+            f"warning: resuming {checkpoint} with another layout ({described}): training "
+            "continues, but not bit-identically to an uninterrupted run (the data order and the noise of "
+            "each rank depend on these); the position in the epoch is carried over as images read",
+        )
 
     def _check_backend(self, checkpoint: Path, shared: dict) -> None:
         """A checkpoint resumes under the backend that wrote it (its optimizer states' format), and a
         DeepSpeed one with its number of ranks (one optimizer shard each)."""
         backend = shared.get("backend", PLAIN)
         if backend != self.backend:
-            launch = ("a DDP launch (launch/multi_gpu.yaml, torchrun, ...)" if backend == PLAIN
-                      else f"launch/ds_{backend.removeprefix('deepspeed-')}.yaml")
-            raise ConfigError(f"{checkpoint} was written by the {backend} backend and cannot resume under {self.backend} "
-                              f"(its optimizer state is in that backend's format): resume it with {launch}; "
-                              "gendist eval and compare read it as it is")
+            launch = (
+                "a DDP launch (launch/multi_gpu.yaml, torchrun, ...)"
+                if backend == PLAIN
+                else f"launch/ds_{backend.removeprefix('deepspeed-')}.yaml"
+            )
+            raise ConfigError(
+                f"{checkpoint} was written by the {backend} backend and cannot resume under {self.backend} "
+                f"(its optimizer state is in that backend's format): resume it with {launch}; "
+                "gendist eval and compare read it as it is"
+            )
         if self.engines and shared["world_size"] != self.accelerator.num_processes:
-            raise ConfigError(f"{checkpoint} holds ZeRO optimizer shards of {shared['world_size']} ranks; resume it with "
-                              f"{shared['world_size']} processes (this launch has {self.accelerator.num_processes})")
+            raise ConfigError(
+                f"{checkpoint} holds ZeRO optimizer shards of {shared['world_size']} ranks; resume it with "
+                f"{shared['world_size']} processes (this launch has {self.accelerator.num_processes})"
+            )
 
     @property
     def backend(self) -> str:
@@ -294,8 +343,9 @@ class Session:
     # -- data --------------------------------------------------------------------------------
     def _stream(self) -> Iterator[dict]:
         while True:
-            loader = make_loader(self.spec, self.cfg.data.num_workers, self.state.epoch, self.state.batch_in_epoch,
-                                 self.worker_signals)
+            loader = make_loader(
+                self.spec, self.cfg.data.num_workers, self.state.epoch, self.state.batch_in_epoch, self.worker_signals
+            )
             first_batch, damage = self.state.batch_in_epoch, [0, 0]  # this epoch's, beside the window's
             batches = iter(loader)
             try:
@@ -347,7 +397,7 @@ class Session:
             self._check_window()
         if sample or evaluate:
             for module in self.modules:
-                dist.average_buffers(self.accelerator, module)
+                distributed.average_buffers(self.accelerator, module)
         if sample and self.accelerator.is_main_process:
             with self._modules_in_eval_mode():
                 self._sampling.write_grids(self.run_dir / "samples", self.state.step)
@@ -355,7 +405,7 @@ class Session:
             self.evaluate()
         if saved:
             self.save()
-        if not last and dist.any_rank(self.accelerator, self.stop_requests.requested):
+        if not last and distributed.any_rank(self.accelerator, self.stop_requests.requested):
             self._stop_early(saved)
 
     def _stop_early(self, saved: bool) -> None:
@@ -365,8 +415,10 @@ class Session:
             self._log()
         if not saved:
             self.save()
-        self.reporter.message(f"stopping at step {self.state.step} on {self.stop_requests.describe()}: checkpoint "
-                              f"written; the same command with train.run_dir={self.run_dir} resumes")
+        self.reporter.message(
+            f"stopping at step {self.state.step} on {self.stop_requests.describe()}: checkpoint "
+            f"written; the same command with train.run_dir={self.run_dir} resumes"
+        )
 
     def _check_window(self) -> None:
         """Collective: raise Diverged if any rank logged a non-finite value since the last log."""
@@ -382,15 +434,20 @@ class Session:
         never = self.state.step + 1
         bad = ~window.isfinite()
         first = torch.where(bad, steps[:, None], never).amin(dim=0)  # per value: its first bad step here
-        first = dist.min_across_ranks(self.accelerator, first)
+        first = distributed.min_across_ranks(self.accelerator, first)
         at = int(first.min().item())
         names = [name for name, step in zip(self._names, first.tolist()) if step == at]
         latest = latest_checkpoint(self.run_dir)
-        kept = (f"the last checkpoint, {latest} (step {checkpoint_step(latest)}), was written before it"
-                if latest is not None else "no checkpoint was written")
-        raise Diverged(f"training diverged: {', '.join(names)} not finite at step {at}; stopped without checkpointing "
-                       f"it ({kept}). Lower the learning rates (optim.lr_g, optim.lr_d) and resume, or start a new "
-                       "train.run_dir")
+        kept = (
+            f"the last checkpoint, {latest} (step {checkpoint_step(latest)}), was written before it"
+            if latest is not None
+            else "no checkpoint was written"
+        )
+        raise Diverged(
+            f"training diverged: {', '.join(names)} not finite at step {at}; stopped without checkpointing "
+            f"it ({kept}). Lower the learning rates (optim.lr_g, optim.lr_d) and resume, or start a new "
+            "train.run_dir"
+        )
 
     @contextlib.contextmanager
     def _modules_in_eval_mode(self):
@@ -414,25 +471,37 @@ class Session:
         if self.accelerator.is_main_process:
             append_row(self.run_dir, row)
         shown = "  ".join(f"{k} {row[k]:.4g}" for k in ("fid", "kid", "recon_mse") if k in row)
-        self.reporter.message(f"eval step {self.state.step}: {shown}  ({sum(row['seconds'].values()):.1f}s, "
-                              f"{row['protocol']['generated']} samples vs {row['protocol']['reference_images']} "
-                              f"'{row['protocol']['reference_split']}' images, Inception: {row['protocol']['inception']})")
+        self.reporter.message(
+            f"eval step {self.state.step}: {shown}  ({sum(row['seconds'].values()):.1f}s, "
+            f"{row['protocol']['generated']} samples vs {row['protocol']['reference_images']} "
+            f"'{row['protocol']['reference_split']}' images, Inception: {row['protocol']['inception']})"
+        )
         self._window_start += time.perf_counter() - started
         return row
 
     def _log(self) -> None:
         window = torch.stack(self._window)
-        means = dist.mean_across_ranks(self.accelerator, dict(zip(self._names, window.mean(dim=0))))
-        errors, short = dist.sum_across_ranks(self.accelerator, torch.tensor(self._data_damage)).long().tolist()
+        means = distributed.mean_across_ranks(self.accelerator, dict(zip(self._names, window.mean(dim=0))))
+        errors, short = distributed.sum_across_ranks(self.accelerator, torch.tensor(self._data_damage)).long().tolist()
         seconds = time.perf_counter() - self._window_start
         self.state.train_seconds += seconds
         images = self.state.images_seen - self._window_images_start
-        self.reporter.log(self.state.step, {**means, "images_per_s": images / seconds, "data_errors": errors,
-                                            "data_short": short, "epoch": self.state.epoch,
-                                            "images_seen": self.state.images_seen})
+        self.reporter.log(
+            self.state.step,
+            {
+                **means,
+                "images_per_s": images / seconds,
+                "data_errors": errors,
+                "data_short": short,
+                "epoch": self.state.epoch,
+                "images_seen": self.state.images_seen,
+            },
+        )
         if short:
-            self.reporter.message(f"warning: the shards delivered {short} images fewer than the manifest lists in this "
-                                  f"window (damaged shards? `gendist shards verify {self.spec.shard_dir}`)")
+            self.reporter.message(
+                f"warning: the shards delivered {short} images fewer than the manifest lists in this "
+                f"window (damaged shards? `gendist shards verify {self.spec.shard_dir}`)"
+            )
         self._report_epochs()
         if not all(math.isfinite(value) for value in means.values()):  # the same on every rank
             self._diverged()
@@ -442,26 +511,35 @@ class Session:
     def _report_epochs(self) -> None:
         """Collective: one line per epoch finished since the last log, its images read against the manifest."""
         for epoch, first, last, errors, short in self._epochs_read:
-            errors, short = dist.sum_across_ranks(self.accelerator, torch.tensor([errors, short])).long().tolist()
+            errors, short = (
+                distributed.sum_across_ranks(self.accelerator, torch.tensor([errors, short])).long().tolist()
+            )
             world, batch = self.accelerator.num_processes, self.spec.batch_size
             read = (last - first) * batch * world - short
             resumed = f" (resumed at batch {first}: batches {first}-{last} counted)" if first else ""
-            self.reporter.message(f"epoch {epoch}: read {read} of the {self._split_images} images the manifest lists"
-                                  f"{resumed}; {short} short of the manifest, {errors} unreadable samples skipped, "
-                                  f"{self._split_images - last * batch * world} left over (the remainder, which "
-                                  "rotates between epochs)")
+            self.reporter.message(
+                f"epoch {epoch}: read {read} of the {self._split_images} images the manifest lists"
+                f"{resumed}; {short} short of the manifest, {errors} unreadable samples skipped, "
+                f"{self._split_images - last * batch * world} left over (the remainder, which "
+                "rotates between epochs)"
+            )
         self._epochs_read = []
 
     def save(self) -> None:
         for module in self.modules:
-            dist.average_buffers(self.accelerator, module)
-        unfinite = [name for name, obj in self.checkpointed.items()
-                    if isinstance(obj, nn.Module) and not all_finite(obj.parameters())]
-        if dist.any_rank(self.accelerator, bool(unfinite)):
+            distributed.average_buffers(self.accelerator, module)
+        unfinite = [
+            name
+            for name, obj in self.checkpointed.items()
+            if isinstance(obj, nn.Module) and not all_finite(obj.parameters())
+        ]
+        if distributed.any_rank(self.accelerator, bool(unfinite)):
             latest = latest_checkpoint(self.run_dir)
-            raise Diverged(f"training diverged: the weights of {', '.join(unfinite) or 'a network on another rank'} are "
-                           f"not finite after step {self.state.step}; no checkpoint of them was written (the latest "
-                           f"is {latest}). Lower the learning rates (optim.lr_g, optim.lr_d) and resume")
+            raise Diverged(
+                f"training diverged: the weights of {', '.join(unfinite) or 'a network on another rank'} are "
+                f"not finite after step {self.state.step}; no checkpoint of them was written (the latest "
+                f"is {latest}). Lower the learning rates (optim.lr_g, optim.lr_d) and resume"
+            )
         shared: dict[str, Any] = {
             name: (self.accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj).state_dict()
             for name, obj in self.checkpointed.items()
@@ -475,22 +553,31 @@ class Session:
             shared["scaler"] = self.accelerator.scaler.state_dict()
         sharded = self.engines
         write_sharded = (lambda folder: engines.save_engines(sharded, folder / DEEPSPEED_FOLDER)) if sharded else None
-        save_checkpoint(self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints,
-                        write_sharded)
+        save_checkpoint(
+            self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints, write_sharded
+        )
 
     @property
     def layout(self) -> dict[str, Any]:
         """What an exact resume depends on besides the checkpointed state."""
         # 0 and 1 loader workers read the same single stream
-        return {"world_size": self.accelerator.num_processes, "num_workers": max(1, self.cfg.data.num_workers),
-                "batch_size": self.cfg.data.batch_size, "seed": self.cfg.train.seed, "gendist": gendist.__version__}
+        return {
+            "world_size": self.accelerator.num_processes,
+            "num_workers": max(1, self.cfg.data.num_workers),
+            "batch_size": self.cfg.data.batch_size,
+            "seed": self.cfg.train.seed,
+            "gendist": gendist.__version__,
+        }
 
     def __enter__(self) -> Session:
         batch, world = self.cfg.data.batch_size, self.accelerator.num_processes
-        dist.rank_print(self.accelerator, f"global batch: {batch} images per rank x {world} rank(s) = {batch * world}; "
-                                          f"{batches_per_epoch(self._split_images, world, batch)} batches per epoch "
-                                          f"of the {self._split_images} '{self.cfg.data.split}' images")
-        dist.set_collective_timeout(self.cfg.train.collective_timeout_s)
+        distributed.rank_print(
+            self.accelerator,
+            f"global batch: {batch} images per rank x {world} rank(s) = {batch * world}; "
+            f"{batches_per_epoch(self._split_images, world, batch)} batches per epoch "
+            f"of the {self._split_images} '{self.cfg.data.split}' images",
+        )
+        distributed.set_collective_timeout(self.cfg.train.collective_timeout_s)
         self.stop_requests.install()
         return self
 
@@ -504,5 +591,8 @@ class Session:
         if self.reporter is not None:
             self.reporter.close()
         if exc_type is None and self.state.train_seconds > 0:
-            dist.rank_print(self.accelerator, f"done: step {self.state.step}, {self.state.images_seen} real images seen, "
-                            f"{self.state.images_seen / self.state.train_seconds:.1f} images/s over the logged training time")
+            distributed.rank_print(
+                self.accelerator,
+                f"done: step {self.state.step}, {self.state.images_seen} real images seen, "
+                f"{self.state.images_seen / self.state.train_seconds:.1f} images/s over the logged training time",
+            )

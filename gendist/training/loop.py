@@ -6,6 +6,7 @@ optimizer step of the phase's network (all-reduced once, or reduce-scattered by 
 then the phase's after-update hook. A network with an EMA copy updates it after its phase. Each
 network is wrapped for data parallelism on its own (Session.prepare).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gendist import dist, families
+from gendist import distributed, families
 from gendist.config import RunConfig
 from gendist.families.base import FamilyInputs, StepContext, averaged
 from gendist.training.common import Session, TrainState, apply_hyperparameters, build_optimizer
@@ -46,24 +47,28 @@ def frozen(models: list[nn.Module]):
 
 def train(cfg: RunConfig) -> TrainResult:
     session = Session(cfg)
-    dist.seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    distributed.seed_everything(cfg.train.seed)  # identical initial weights on every rank
     family = families.declare(FamilyInputs(cfg, session.attribute_names, session.spec))
     for note in family.notes:
-        dist.rank_print(session.accelerator, note)
+        distributed.rank_print(session.accelerator, note)
     nets: dict[str, nn.Module] = {}
     bare: dict[str, nn.Module] = {}
     updates = {}
-    emas = {network.name: averaged(network.module, cfg.train.ema_decay).to(session.device)
-            for network in family.networks if network.ema}
+    emas = {
+        network.name: averaged(network.module, cfg.train.ema_decay).to(session.device)
+        for network in family.networks
+        if network.ema
+    }
     for network in family.networks:
         optimizer = build_optimizer(network.module.parameters(), network.lr, cfg.optim)
-        nets[network.name], updates[network.name] = session.prepare(network.name, network.module, network.optimizer,
-                                                                    optimizer)
+        nets[network.name], updates[network.name] = session.prepare(
+            network.name, network.module, network.optimizer, optimizer
+        )
         bare[network.name] = session.accelerator.unwrap_model(nets[network.name])
     for name, ema in emas.items():
         session.register(f"{name}_ema", ema)
         bare[f"{name}_ema"] = ema.module
-    dist.seed_everything(cfg.train.seed, session.accelerator)  # a distinct noise stream per rank
+    distributed.seed_everything(cfg.train.seed, session.accelerator)  # a distinct noise stream per rank
     session.resume()
     for network in family.networks:
         apply_hyperparameters(updates[network.name].optimizer, network.lr, cfg.optim)

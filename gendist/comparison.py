@@ -4,6 +4,7 @@ Reads only what runs leave behind (config.yaml, metrics.jsonl, eval.jsonl, the l
 counters, sample grids). FIDs measured under different protocols (reference set, sample count,
 Inception weights) are flagged instead of being silently ranked together.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from gendist import families
 from gendist.checkpoint import latest_checkpoint, safe_load
 from gendist.config import RunConfig, load_config
 from gendist.eval.evaluator import read_rows
-from gendist.reporting import read_jsonl
 from gendist.families.base import FamilyInputs
+from gendist.progress import read_jsonl
 
 LOSS_KEYS = ("loss_d", "loss_g", "wasserstein", "gradient_penalty", "loss", "recon", "kl")
 
@@ -63,8 +64,10 @@ def load_run(path: Path, name: str) -> RunSummary:
 def parameter_counts(cfg: RunConfig) -> str:
     """Parameters per network, e.g. `generator 3.58M / discriminator 2.77M`."""
     family = families.declare(FamilyInputs(cfg, list(cfg.model.attributes)))
-    return " / ".join(f"{network.name} {sum(p.numel() for p in network.module.parameters()) / 1e6:.2f}M"
-                      for network in family.networks)
+    return " / ".join(
+        f"{network.name} {sum(p.numel() for p in network.module.parameters()) / 1e6:.2f}M"
+        for network in family.networks
+    )
 
 
 def _minutes(seconds: float) -> str:
@@ -74,8 +77,10 @@ def _minutes(seconds: float) -> str:
 def table(runs: list[RunSummary]) -> list[str]:
     keys = {run.protocol_key() for run in runs if run.protocol_key() is not None}
     marks = {key: "*" * (i + 1) for i, key in enumerate(sorted(keys))} if len(keys) > 1 else {}
-    lines = ["| run | model | FID | KID x 1e3 | recon MSE | steps | images seen | train time | images/s | parameters |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | model | FID | KID x 1e3 | recon MSE | steps | images seen | train time | images/s | parameters |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         row, counters = run.latest_eval, run.counters
         seconds = counters.get("train_seconds", 0.0)
@@ -83,12 +88,16 @@ def table(runs: list[RunSummary]) -> list[str]:
         kid = f"{row['kid'] * 1e3:.2f} ± {row['kid_std'] * 1e3:.2f}" if row else "-"
         recon = f"{row['recon_mse']:.5f}" if row and "recon_mse" in row else "-"
         speed = f"{counters.get('images_seen', 0) / seconds:.1f}" if seconds else "n/a"
-        lines.append(f"| {run.name} | {run.cfg.model.name} | {fid} | {kid} | {recon} | {counters.get('step', 0)} | "
-                     f"{counters.get('images_seen', 0):,} | {_minutes(seconds)} | {speed} | {parameter_counts(run.cfg)} |")
+        lines.append(
+            f"| {run.name} | {run.cfg.model.name} | {fid} | {kid} | {recon} | {counters.get('step', 0)} | "
+            f"{counters.get('images_seen', 0):,} | {_minutes(seconds)} | {speed} | {parameter_counts(run.cfg)} |"
+        )
     if marks:
         lines.append("")
-        lines.append("**FIDs marked with different numbers of \\* were measured under different protocols and are not "
-                     "comparable:**")
+        lines.append(
+            "**FIDs marked with different numbers of \\* were measured under different protocols and are not "
+            "comparable:**"
+        )
         for key, mark in marks.items():
             lines.append(f"- {mark}: reference {key[0]}, {key[1]} generated images, Inception {key[2]}")
     return lines
@@ -116,7 +125,9 @@ def plot_fid(runs: list[RunSummary], out: Path) -> None:
     for run in runs:
         rows = sorted((row for row in run.evals if "fid" in row), key=lambda row: row["step"])
         if rows:
-            ax.plot([row.get("images_seen", 0) for row in rows], [row["fid"] for row in rows], marker="o", label=run.name)
+            ax.plot(
+                [row.get("images_seen", 0) for row in rows], [row["fid"] for row in rows], marker="o", label=run.name
+            )
     ax.set_xlabel("real images seen")
     ax.set_ylabel("FID")
     ax.set_yscale("log")
@@ -166,15 +177,30 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
         lines += ["FID/KID protocol" + (" (all runs)" if len(protocols) == 1 else "s") + ":", ""]
         for text in protocols:
             p = json.loads(text)
-            lines.append(f"- {p['fid']}; Inception: {p['inception']}; {p['generated']} generated images "
-                         f"({p['generator']}) against {p['reference_images']} '{p['reference_split']}' images of "
-                         f"`{p['shards']}` (stats {p['reference_key']}, preprocessing {p['preprocessing']['size']}px, "
-                         f"crop {p['preprocessing']['crop_fraction']:.4f}); KID: {p['kid']['subsets']} subsets of "
-                         f"{p['kid']['subset_size']}, kernel {p['kid']['kernel']}.")
+            lines.append(
+                f"- {p['fid']}; Inception: {p['inception']}; {p['generated']} generated images "
+                f"({p['generator']}) against {p['reference_images']} '{p['reference_split']}' images of "
+                f"`{p['shards']}` (stats {p['reference_key']}, preprocessing {p['preprocessing']['size']}px, "
+                f"crop {p['preprocessing']['crop_fraction']:.4f}); KID: {p['kid']['subsets']} subsets of "
+                f"{p['kid']['subset_size']}, kernel {p['kid']['kernel']}."
+            )
         lines.append("")
-    lines += ["## Losses", "", "![losses](losses.png)", "", "## FID over training", "", "![FID](fid.png)", "",
-              "## Samples (latest grid of each run)", "", "![samples](samples.png)", "",
-              "| " + " | ".join(run.name for run in runs) + " |", "|" + "---|" * len(runs)]
+    lines += [
+        "## Losses",
+        "",
+        "![losses](losses.png)",
+        "",
+        "## FID over training",
+        "",
+        "![FID](fid.png)",
+        "",
+        "## Samples (latest grid of each run)",
+        "",
+        "![samples](samples.png)",
+        "",
+        "| " + " | ".join(run.name for run in runs) + " |",
+        "|" + "---|" * len(runs),
+    ]
     cells = []
     for run in runs:
         grid = latest_grid(run)

@@ -1,6 +1,7 @@
 """Every distributed concern in one place: the Accelerator, per-rank seeding, cross-rank
 reductions, buffer averaging, rank-aware printing and shutdown. Models, losses and data stay
 free of torch.distributed."""
+
 from __future__ import annotations
 
 import datetime
@@ -31,8 +32,12 @@ def join_restartable_group() -> None:
     if attempt is None or int(os.environ.get("WORLD_SIZE", "1")) == 1 or torch_dist.is_initialized():
         return
     store, rank, world_size = next(torch_dist.rendezvous("env://"))
-    torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=rank, world_size=world_size,
-                                  store=torch_dist.PrefixStore(f"gendist/attempt_{attempt}", store))
+    torch_dist.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        rank=rank,
+        world_size=world_size,
+        store=torch_dist.PrefixStore(f"gendist/attempt_{attempt}", store),
+    )
 
 
 def build_accelerator(mixed_precision: str) -> Accelerator:
@@ -44,11 +49,15 @@ def build_accelerator(mixed_precision: str) -> Accelerator:
     # Without cpu=True, a multi-process launch on a machine without CUDA silently starts
     # independent single-process runs; with it, the ranks join one gloo group.
     with accelerate_without_deepspeed():
-        accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(
+            mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
+        )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
-        raise RuntimeError(f"the launcher started {launched} processes but only {accelerator.num_processes} joined the "
-                           "process group; check the accelerate config (distributed_type) and the devices")
+        raise RuntimeError(
+            f"the launcher started {launched} processes but only {accelerator.num_processes} joined the "
+            "process group; check the accelerate config (distributed_type) and the devices"
+        )
     if mixed_precision == "bf16" and accelerator.device.type == "cpu":
         rank_print(accelerator, "note: bf16 on CPU is emulated and slow; use it on GPUs")
     return accelerator
@@ -79,8 +88,9 @@ def average_buffers(accelerator: Accelerator, model: nn.Module) -> None:
 def mean_across_ranks(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
     """One collective for a dict of scalars: the mean over ranks, as Python floats."""
     names = sorted(values)
-    stacked = torch.stack([torch.as_tensor(values[n], device=accelerator.device).detach().float().reshape(())
-                           for n in names])
+    stacked = torch.stack(
+        [torch.as_tensor(values[n], device=accelerator.device).detach().float().reshape(()) for n in names]
+    )
     reduced = accelerator.reduce(stacked, reduction="mean")
     return dict(zip(names, reduced.tolist()))
 
@@ -105,7 +115,7 @@ def gather_rows(accelerator: Accelerator, rows: torch.Tensor, total: int) -> tor
         return rows.cpu()
     per_rank = chunk_bounds(total, 0, accelerator.num_processes)[1]  # rank 0's share is the largest
     padded = torch.zeros(per_rank, *rows.shape[1:], dtype=rows.dtype, device=accelerator.device)
-    padded[:len(rows)] = rows
+    padded[: len(rows)] = rows
     parts = [torch.empty_like(padded) for _ in range(accelerator.num_processes)]
     torch_dist.all_gather(parts, padded)
     return torch.cat(parts)[:total].cpu()

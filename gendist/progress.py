@@ -2,6 +2,7 @@
 
 Callers pass values already reduced across ranks; non-main ranks get a reporter that does nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,14 @@ class Reporter:
         self.progress: Progress | None = None
         if enabled and self.console.is_terminal:
             self.progress = Progress(
-                TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[summary]}"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=self.console,
+                TextColumn("[bold]step"),
+                MofNCompleteColumn(),
+                BarColumn(),
+                TextColumn("{task.fields[summary]}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=self.console,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step, summary="")
             self.progress.start()
@@ -84,7 +91,9 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, summary=summary)
         else:
-            self.console.print(f"step {step}/{self.total_steps}  {summary}  eta {self._eta(step)}", highlight=False, soft_wrap=True)
+            self.console.print(
+                f"step {step}/{self.total_steps}  {summary}  eta {self._eta(step)}", highlight=False, soft_wrap=True
+            )
 
     def _eta(self, step: int) -> str:
         done = step - self.start_step
