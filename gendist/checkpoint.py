@@ -74,9 +74,11 @@ def save_checkpoint(
     shared: dict[str, Any],
     keep: int,
     write_sharded: Callable[[Path], None] | None = None,
+    rank_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Collective: every rank must call it. `shared` is written by rank 0; RNG by every rank, and
-    `write_sharded(folder)` (collective too) by every rank into the same unfinished folder."""
+    """Collective: every rank must call it. `shared` is written by rank 0; every rank writes its RNG
+    state and its own `rank_state` (state dicts of per-rank objects) to rank<R>.pt, and
+    `write_sharded(folder)` (collective too) into the same unfinished folder."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:07d}"
     partial = root / f".step_{step:07d}.partial"
@@ -84,7 +86,7 @@ def save_checkpoint(
         remove_leftovers(root)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), partial / f"rank{accelerator.process_index}.pt")
+    torch.save({"rng": rng_state(), "state": rank_state or {}}, partial / f"rank{accelerator.process_index}.pt")
     if write_sharded is not None:
         write_sharded(partial)
     if accelerator.is_main_process:
@@ -155,11 +157,14 @@ def remove_leftovers(root: Path) -> None:
 
 
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The shared state and this rank's RNG state (None if the run had fewer ranks)."""
+    """The shared state and this rank's own, {"rng": ..., "state": {name: state dict}} (None if the
+    run had fewer ranks)."""
     shared = safe_load(path / "state.pt")
     rank_file = path / f"rank{rank}.pt"
-    rng = safe_load(rank_file) if rank_file.is_file() else None
-    return shared, rng
+    if not rank_file.is_file():
+        return shared, None
+    mine = safe_load(rank_file)
+    return shared, mine if "rng" in mine else {"rng": mine, "state": {}}  # checkpoints before per-rank state
 
 
 def safe_load(path: Path) -> Any:

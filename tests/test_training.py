@@ -60,10 +60,10 @@ def test_run_folder_outputs_and_checkpoint_contents(tiny_overrides, tmp_path):
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(r["images_per_s"] > 0 and r["data_errors"] == 0 and r["loss_d"] > 0 for r in rows)
     assert load_config(run / "config.yaml").train.steps == 6
-    shared, rng = load_checkpoint(run / "checkpoints" / "step_0000006", rank=0)
+    shared, mine = load_checkpoint(run / "checkpoints" / "step_0000006", rank=0)
     assert {"generator", "discriminator", "opt_g", "opt_d", "train_state"} <= shared.keys()
     assert shared["train_state"]["step"] == 6 and shared["opt_g"]["state"]
-    assert {"python", "torch"} <= rng.keys()
+    assert {"python", "torch"} <= mine["rng"].keys()
 
 
 def test_partial_checkpoint_is_ignored(tiny_overrides, tmp_path):
@@ -143,3 +143,39 @@ def test_resume_applies_the_configs_learning_rate_and_betas(tiny_overrides, tmp_
     assert [g["lr"] for g in shared["opt_g"]["param_groups"]] == [1e-3]
     assert [g["lr"] for g in shared["opt_d"]["param_groups"]] == [5e-4]
     assert tuple(shared["opt_g"]["param_groups"][0]["betas"]) == (0.0, 0.9)
+
+
+class CriticUpdates:
+    """A per-rank object for the test below: counts this rank's critic updates."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
+def test_per_rank_state_of_a_family_survives_a_resume(tiny_overrides, tmp_path, monkeypatch):
+    from gendist import families
+
+    counters = []
+
+    def counting(inputs):
+        family = families.gan.declare(inputs)
+        counter = CriticUpdates()
+        counters.append(counter)
+        critic = family.phases[0]
+        critic.after_update = lambda: setattr(counter, "count", counter.count + 1)
+        family.per_rank["critic_updates"] = counter
+        return family
+
+    monkeypatch.setitem(families.DECLARATIONS, "dcgan", counting)
+    common = [*tiny_overrides, "loss.n_critic=2", "train.checkpoint_every=3"]
+    train(load_config(None, [*common, "train.steps=3"]))
+    train(load_config(None, [*common, "train.steps=6"]))
+    assert [c.count for c in counters] == [6, 12]  # the resumed run went on from its own 6
+    _, mine = load_checkpoint(tmp_path / "run" / "checkpoints" / "step_0000006", rank=0)
+    assert mine["state"] == {"critic_updates": {"count": 12}}

@@ -100,6 +100,9 @@ class Family:
     # the bare networks by name (EMA copies as "<name>_ema", their averaged module) -> Sampling
     sampling: Callable[[dict[str, nn.Module]], Sampling]
     notes: list[str] = field(default_factory=list)  # printed at start-up
+    # state that differs between ranks and must survive a resume (CycleGAN's pools of past fakes):
+    # objects with state_dict / load_state_dict, checkpointed per rank
+    per_rank: dict[str, Any] = field(default_factory=dict)
 
 
 def in_memory_format(net: nn.Module, cfg: RunConfig) -> nn.Module:

@@ -186,6 +186,7 @@ class Session:
             raise ConfigError(refusal)
         self.state = TrainState()
         self.checkpointed: dict[str, Any] = {}
+        self.per_rank: dict[str, Any] = {}
         self.modules: list[nn.Module] = []
         self.worker_signals = LoaderWorkerSignals()
         self._batches = self._stream()
@@ -233,6 +234,11 @@ class Session:
         if isinstance(obj, nn.Module):
             self.modules.append(obj)
 
+    def register_per_rank(self, name: str, obj: Any) -> None:
+        """State that differs between ranks (an image pool of this rank's fakes): each rank saves and
+        loads its own, in its rank<R>.pt."""
+        self.per_rank[name] = obj
+
     def attach(self, sampling: Sampling) -> None:
         """The family's outputs: sample grids, and what evaluation scores."""
         self._sampling = sampling
@@ -240,7 +246,7 @@ class Session:
     def resume(self) -> None:
         """Load the latest checkpoint of the run folder that every rank can read, if any, and start
         reporting. Rows that a killed run logged after that checkpoint are dropped: they are replayed."""
-        checkpoint, shared, rng = self._latest_readable()
+        checkpoint, shared, mine = self._latest_readable()
         if checkpoint is not None:
             self._check_backend(checkpoint, shared)
             sharded = self.engines
@@ -255,12 +261,14 @@ class Session:
                 self.accelerator.scaler.load_state_dict(shared["scaler"])
             self.state.load_state_dict(shared["train_state"])
             self._check_layout(checkpoint, shared)
-            if rng is not None:
-                set_rng_state(rng)
+            if mine is not None:
+                set_rng_state(mine["rng"])
+                for name, obj in self.per_rank.items():
+                    obj.load_state_dict(mine["state"][name])
             elif shared["world_size"] >= self.accelerator.num_processes:
                 print(
-                    f"[rank {self.accelerator.process_index}] warning: {checkpoint} has no RNG state of this rank: "
-                    "the resume is not bit-identical",
+                    f"[rank {self.accelerator.process_index}] warning: {checkpoint} has no state of this rank (RNG, "
+                    "per-rank objects): the resume is not bit-identical",
                     flush=True,
                 )
             distributed.rank_print(self.accelerator, f"resumed from {checkpoint} at step {self.state.step}")
@@ -276,12 +284,12 @@ class Session:
         for checkpoint in reversed(found):
             problem = None
             try:
-                shared, rng = load_checkpoint(checkpoint, self.accelerator.process_index)
+                shared, mine = load_checkpoint(checkpoint, self.accelerator.process_index)
             except CheckpointError as err:
                 problem = str(err)
                 print(f"[rank {self.accelerator.process_index}] warning: {problem}", flush=True)
             if not distributed.any_rank(self.accelerator, problem is not None):
-                return checkpoint, shared, rng
+                return checkpoint, shared, mine
             if self.accelerator.is_main_process:
                 set_aside(checkpoint)  # kept for a look, out of pruning, eval and compare
             distributed.rank_print(
@@ -554,7 +562,13 @@ class Session:
         sharded = self.engines
         write_sharded = (lambda folder: engines.save_engines(sharded, folder / DEEPSPEED_FOLDER)) if sharded else None
         save_checkpoint(
-            self.accelerator, self.run_dir, self.state.step, shared, self.cfg.train.keep_checkpoints, write_sharded
+            self.accelerator,
+            self.run_dir,
+            self.state.step,
+            shared,
+            self.cfg.train.keep_checkpoints,
+            write_sharded,
+            {name: obj.state_dict() for name, obj in self.per_rank.items()},
         )
 
     @property

@@ -68,6 +68,8 @@ def train(cfg: RunConfig) -> TrainResult:
     for name, ema in emas.items():
         session.register(f"{name}_ema", ema)
         bare[f"{name}_ema"] = ema.module
+    for name, obj in family.per_rank.items():
+        session.register_per_rank(name, obj)
     distributed.seed_everything(cfg.train.seed, session.accelerator)  # a distinct noise stream per rank
     session.resume()
     for network in family.networks:
