@@ -8,7 +8,7 @@ import sys
 from gendist import evaluate, sweep, train
 from gendist.config import parse_args_with_overrides
 from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, verify_shards, write_shards
-from gendist.data.sources import CelebASource, FolderSource
+from gendist.data.sources import CelebASource, FolderSource, parse_carve
 from gendist.data.synthetic import SyntheticFacesSource
 
 
@@ -31,6 +31,14 @@ def _shard_options(parser: argparse.ArgumentParser, crop_fraction: float) -> Non
     parser.add_argument("--shard-size", type=int, default=4096, help="images per shard (default 4096)")
     parser.add_argument("--workers", type=int, default=None, help="conversion processes (default: all cores)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image order within shards")
+    parser.add_argument(
+        "--carve",
+        metavar="SPLIT=AMOUNT,...",
+        default=None,
+        help="take held-out val/test splits out of train when the source has none, e.g. val=0.05,test=500 "
+        "(an image count or a fraction of the train images, chosen in sha256 order of the file names; recorded in "
+        "manifest.json)",
+    )
 
 
 def _verify(shard_dir: str) -> int:
@@ -45,6 +53,7 @@ def _verify(shard_dir: str) -> int:
 def _shards(args: argparse.Namespace) -> int:
     if args.source == "verify":
         return _verify(args.shard_dir)
+    carve = parse_carve(args.carve) if args.carve is not None else None
     if args.source == "celeba":
         source = CelebASource(args.src)
     elif args.source == "folder":
@@ -60,6 +69,7 @@ def _shards(args: argparse.Namespace) -> int:
         args.shard_size,
         args.workers,
         args.seed,
+        carve=carve,
     )
     return 0
 

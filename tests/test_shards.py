@@ -1,5 +1,7 @@
+import hashlib
 import io
 import json
+import re
 import struct
 import tarfile
 import zipfile
@@ -13,7 +15,7 @@ from PIL import Image
 from gendist.cli import main as gendist_main
 from gendist.data.loader import split_shards
 from gendist.data.shards import Preprocess, file_sha256, read_manifest, verify_shards, write_shards
-from gendist.data.sources import CelebASource, FolderSource, parse_attributes
+from gendist.data.sources import CelebASource, FolderSource, carve_splits, parse_attributes, parse_carve
 
 
 def read_all(shard_dir: Path, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -333,3 +335,192 @@ def test_real_celeba_sample_zip(tmp_path: Path):
     records = read_all(tmp_path / "out", "train")
     for key in ("000001.jpg", "005000.jpg", "010000.jpg"):
         np.testing.assert_array_equal(records[key][1], rows[key])
+
+
+def make_train_only_celeba(root: Path, present: int = 30, listed: int = 36, as_zip: bool = False) -> dict:
+    """A fake CelebA whose partition lists every image as train, like the real 10,000-image sample."""
+    truth = make_fake_celeba(root, present=present, listed=listed, as_zip=as_zip)
+    names = [f"{i:06d}.jpg" for i in range(1, listed + 1)]
+    (root / "list_eval_partition.txt").write_bytes("".join(f"{n} 0\r\n" for n in names).encode())
+    return truth
+
+
+def sha256_first(keys: list[str], count: int) -> list[str]:
+    return sorted(sorted(keys, key=lambda k: hashlib.sha256(k.encode()).hexdigest())[:count])
+
+
+def test_carving_counts_are_exact_disjoint_and_follow_the_sha256_order(tmp_path: Path):
+    truth = make_train_only_celeba(tmp_path / "celeba")
+    plan = CelebASource(tmp_path / "celeba").plan()
+    assert len(plan.splits["train"]) == 30 and plan.splits["val"] == plan.splits["test"] == []
+    carved_plan, carved = carve_splits(plan, parse_carve("val=0.2, test=4"))
+    val, test, train = (carved_plan.splits[s] for s in ("val", "test", "train"))
+    assert (len(val), len(test), len(train)) == (6, 4, 20)  # 0.2 x 30 = 6 and exactly 4
+    ranked = sorted(truth["present"], key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    assert val == sorted(ranked[:6]) and test == sorted(ranked[6:10])
+    assert set(val) | set(test) | set(train) == set(truth["present"])
+    assert not (set(val) & set(test)) and not (set(val) | set(test)) & set(train)
+    assert carved == {
+        "val": {"from": "train", "requested": "0.2", "count": 6, "available": 30, "rule": "sha256(key) order"},
+        "test": {
+            "from": "train",
+            "requested": "4",
+            "count": 4,
+            "available": 30,
+            "rule": "sha256(key) order, after the val images",
+        },
+    }
+    assert plan.splits["train"] == truth["present"]  # the source's plan is left as it was
+    assert carve_splits(plan, {}) == (plan, {})  # nothing asked: the same plan object
+    again_plan, again = carve_splits(plan, {"val": 0.2, "test": 4})  # numbers work like the CLI's text
+    assert again_plan.splits == carved_plan.splits and again == carved
+
+
+def test_carved_images_stay_carved_when_files_are_missing(tmp_path: Path):
+    make_train_only_celeba(tmp_path / "celeba", present=30, listed=30)
+    full = carve_splits(CelebASource(tmp_path / "celeba").plan(), {"val": "5"})[0]
+    removed = [full.splits["val"][0], full.splits["train"][0], full.splits["train"][-1]]
+    for name in removed:
+        (tmp_path / "celeba" / "img_align_celeba" / name).unlink()
+    partial = carve_splits(CelebASource(tmp_path / "celeba").plan(), {"val": "5"})[0]
+    assert len(partial.splits["val"]) == 5 and len(partial.splits["train"]) == 22
+    assert set(full.splits["val"]) - set(removed) < set(partial.splits["val"])  # the 4 left, plus 1
+    [newcomer] = set(partial.splits["val"]) - set(full.splits["val"])
+    assert newcomer in full.splits["train"]  # the next in sha256 order took the missing one's place
+    # a fraction is of what is present: 0.2 x 27 rounds to 5 too, so the same images
+    assert carve_splits(CelebASource(tmp_path / "celeba").plan(), {"val": "0.2"})[0].splits == partial.splits
+
+
+def test_carve_through_the_cli_is_recorded_in_the_manifest_and_summary(tmp_path: Path, capsys):
+    make_train_only_celeba(tmp_path / "celeba", as_zip=True)
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out", "--carve", "val=0.1,test=5", "--seed", "3") == 0
+    out = capsys.readouterr().out
+    assert "carved from train by sha256(key) order: val 3 (0.1), test 5;" in out
+    manifest = read_manifest(tmp_path / "out")
+    assert manifest["carved"]["val"] == {
+        "from": "train",
+        "requested": "0.1",
+        "count": 3,
+        "available": 30,
+        "rule": "sha256(key) order",
+    }
+    assert manifest["carved"]["test"]["count"] == 5
+    records = {split: read_all(tmp_path / "out", split) for split in ("train", "val", "test")}
+    assert {split: len(r) for split, r in records.items()} == {"train": 22, "val": 3, "test": 5}
+    assert {split: manifest["splits"][split]["count"] for split in records} == {"train": 22, "val": 3, "test": 5}
+    assert not records["train"].keys() & (records["val"].keys() | records["test"].keys())
+    expected = carve_splits(CelebASource(tmp_path / "celeba").plan(), {"val": "0.1", "test": "5"})[0]
+    assert sorted(records["val"]) == expected.splits["val"] and sorted(records["test"]) == expected.splits["test"]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["carved"] == manifest["carved"]
+
+
+def test_conversion_without_carve_records_none(tmp_path: Path):
+    make_fake_celeba(tmp_path / "celeba", present=6, listed=6)
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out") == 0
+    assert read_manifest(tmp_path / "out")["carved"] == {}
+
+
+@pytest.mark.parametrize(
+    ("carve", "message"),
+    [
+        ("val=31", "--carve val=31: only 30 train images are available to carve from"),
+        ("val=0", "--carve val=0: a count must be at least 1"),
+        ("val=1.0", r"--carve val=1.0: a fraction must be in \(0, 1\)"),
+        ("test=1.5", r"--carve test=1.5: a fraction must be in \(0, 1\)"),
+        ("val=-0.1", r"--carve val=-0.1: a fraction must be in \(0, 1\)"),
+        ("val=0.01", "--carve val=0.01: 0.01 of 30 train images is 0 images"),
+        ("val=lots", "--carve val=lots: expected an image count or a fraction in"),
+        ("train=5", "--carve can make only val and test splits, not train"),
+        ("holdout=5,val=2", "--carve can make only val and test splits, not holdout"),
+        ("val=20,test=10", "--carve would leave train empty: it asks for 20 val \\+ 10 test of the 30 train images"),
+        ("val=0.5,test=0.5", "would leave train empty: it asks for 15 val \\+ 15 test of the 30"),
+        ("val", "--carve expects SPLIT=AMOUNT"),
+        ("val=2,val=3", "--carve names split 'val' twice"),
+    ],
+)
+def test_bad_carves_are_refused_by_the_cli(tmp_path: Path, capsys, carve: str, message: str):
+    make_train_only_celeba(tmp_path / "celeba", present=30, listed=30)
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out", "--carve", carve) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gendist: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_carve_is_refused_where_the_official_partition_has_that_split(tmp_path: Path, capsys):
+    truth = make_fake_celeba(tmp_path / "celeba", present=30, listed=36)
+    official_val = sum(1 for n in truth["present"] if truth["split_of"][n] == 1)
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out", "--carve", "val=3") == 2
+    err = capsys.readouterr().err
+    assert (
+        f"gendist: error: cannot carve val: {official_val} val images already come from the official partition "
+        "(list_eval_partition.txt)"
+    ) in err
+    # with only the official val images missing from the download, val is empty and may be carved
+    for name in truth["present"]:
+        if truth["split_of"][name] == 1:
+            (tmp_path / "celeba" / "img_align_celeba" / name).unlink()
+    plan = CelebASource(tmp_path / "celeba").plan()
+    carved_plan, carved = carve_splits(plan, {"val": "3"})
+    assert len(carved_plan.splits["val"]) == 3 and carved_plan.splits["test"] == plan.splits["test"] != []
+    with pytest.raises(ValueError, match="cannot carve test: 5 test images already come from the source"):
+        carve_splits(plan, {"test": "0.1"})
+
+
+def make_image_folder(root: Path, count: int) -> None:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, size=(24, 20, 3), dtype=np.uint8)).save(root / f"img{i:02d}.png")
+
+
+def convert_folder(src: Path, out: Path, *options: str) -> int:
+    return gendist_main(
+        ["shards", "folder", "--src", str(src), "--out", str(out), "--size", "8", "--workers", "1", *options]
+    )
+
+
+def test_folder_carve_and_val_fraction(tmp_path: Path, capsys):
+    make_image_folder(tmp_path / "pics" / "sub", 20)
+    assert convert_folder(tmp_path / "pics", tmp_path / "a", "--carve", "val=4,test=0.25") == 0
+    manifest = read_manifest(tmp_path / "a")
+    assert {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")} == {"train": 11, "val": 4, "test": 5}
+    assert manifest["carved"]["test"]["requested"] == "0.25" and manifest["carved"]["test"]["count"] == 5
+    val = sorted(read_all(tmp_path / "a", "val"))
+    assert val == sha256_first([f"sub/img{i:02d}.png" for i in range(20)], 4)
+    # --val-fraction still makes val itself; --carve may add test but not a second val
+    assert convert_folder(tmp_path / "pics", tmp_path / "b", "--val-fraction", "0.25", "--carve", "test=3") == 0
+    manifest = read_manifest(tmp_path / "b")
+    by_fraction = FolderSource(tmp_path / "pics", 0.25).plan().splits["val"]
+    assert manifest["splits"]["val"]["count"] == len(by_fraction) > 0
+    assert manifest["splits"]["test"]["count"] == 3 and list(manifest["carved"]) == ["test"]
+    capsys.readouterr()
+    assert convert_folder(tmp_path / "pics", tmp_path / "c", "--val-fraction", "0.25", "--carve", "val=3") == 2
+    assert (
+        f"cannot carve val: {len(by_fraction)} val images already come from --val-fraction" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.skipif(not (SAMPLE / "img_align_celeba.zip").exists(), reason=f"real CelebA sample not found at {SAMPLE}")
+def test_real_celeba_sample_with_a_carved_val_split(tmp_path: Path, capsys):
+    """The sample is all official train: carve 500 for held-out evaluation."""
+    code = gendist_main(
+        ["shards", "celeba", "--src", str(SAMPLE), "--out", str(tmp_path / "out"), "--size", "16"]
+        + ["--shard-size", "2500", "--carve", "val=500"]
+    )
+    assert code == 0
+    assert "carved from train by sha256(key) order: val 500;" in capsys.readouterr().out
+    manifest = read_manifest(tmp_path / "out")
+    assert {s: manifest["splits"][s]["count"] for s in ("train", "val", "test")} == {
+        "train": 9500,
+        "val": 500,
+        "test": 0,
+    }
+    assert manifest["carved"] == {
+        "val": {"from": "train", "requested": "500", "count": 500, "available": 10_000, "rule": "sha256(key) order"}
+    }
+    val = read_all(tmp_path / "out", "val")
+    assert sorted(val) == sha256_first([f"{i:06d}.jpg" for i in range(1, 10_001)], 500)
+    _, rows = parse_attributes(SAMPLE / "list_attr_celeba.txt")
+    for key in sorted(val)[:3]:
+        np.testing.assert_array_equal(val[key][1], rows[key])

@@ -17,6 +17,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,7 +28,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from gendist.data.sources import ImageSource
+from gendist.data.sources import ImageSource, carve_splits
 
 MANIFEST = "manifest.json"
 FORMAT = "gendist-shards/1"
@@ -154,9 +155,12 @@ def write_shards(
     workers: int | None = None,
     seed: int = 0,
     show_progress: bool = True,
+    carve: Mapping[str, str | float | int] | None = None,
 ) -> dict:
     """Convert `source` into `out_dir`/{split}-NNNNN.tar plus manifest.json; returns the manifest.
 
+    `carve` ({"val": "0.05", "test": 500}) takes held-out splits the source leaves empty out of its
+    train images (see carve_splits); the manifest's "carved" records what was taken.
     Images are shuffled (seeded) before they are cut into shards, so every shard is a random
     sample of its split. The manifest is written last: a folder with a manifest is complete.
     """
@@ -167,8 +171,8 @@ def write_shards(
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():
         raise FileExistsError(f"{out_dir} already holds a shard set ({MANIFEST}); choose another --out or remove it")
+    plan, carved = carve_splits(source.plan(), carve or {}, getattr(source, "split_origin", source.name))
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = source.plan()
     num_attrs = len(plan.attribute_names)
     tasks = []
     for split, keys in plan.splits.items():
@@ -226,6 +230,7 @@ def write_shards(
         "images_per_sample": images_per_sample,
         "attribute_names": plan.attribute_names,
         "splits": splits,
+        "carved": carved,
         "left_out": {**plan.left_out, "corrupt": len(corrupt)},
         "corrupt_examples": corrupt[:20],
         "seed": seed,
@@ -240,6 +245,12 @@ def write_shards(
         f"{converted} images in {written} shards, {seconds:.1f} s "
         f"({converted / seconds:.0f} images/s, {workers} workers)"
     )
+    if carved:
+        taken = ", ".join(
+            f"{split} {c['count']}" + (f" ({c['requested']})" if c["requested"] != str(c["count"]) else "")
+            for split, c in carved.items()
+        )
+        manifest_summary += f"; carved from train by {carved[next(iter(carved))]['rule']}: {taken}"
     emptied = [
         f"; split {split} is EMPTY: all {len(keys)} of its images were corrupt"
         for split, keys in plan.splits.items()

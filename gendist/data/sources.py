@@ -10,7 +10,8 @@ import hashlib
 import io
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,103 @@ class SplitPlan:
     left_out: dict[str, int] = field(default_factory=dict)  # reason -> count
 
 
+CARVABLE_SPLITS = ("val", "test")  # carved in this order, each from what is left of train
+CARVE_RULE = "sha256(key) order"
+
+
+def parse_carve(text: str) -> dict[str, str]:
+    """`val=0.05,test=500` -> {"val": "0.05", "test": "500"}; the values are checked by carve_splits."""
+    requests: dict[str, str] = {}
+    for item in text.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or not value:
+            raise ValueError(f"--carve expects SPLIT=AMOUNT[,SPLIT=AMOUNT], e.g. val=0.05,test=500; got {text!r}")
+        if name in requests:
+            raise ValueError(f"--carve names split {name!r} twice: {text!r}")
+        requests[name] = value
+    return requests
+
+
+def _carve_size(split: str, requested: str | float | int, available: int) -> int:
+    """A count (an int, or digits) or a fraction in (0, 1) of the `available` train images."""
+    text = str(requested).strip()
+    if isinstance(requested, int) or text.isdigit():
+        count = int(text)
+        if count < 1:
+            raise ValueError(f"--carve {split}={text}: a count must be at least 1")
+        if count > available:
+            raise ValueError(f"--carve {split}={text}: only {available} train images are available to carve from")
+        return count
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise ValueError(
+            f"--carve {split}={text}: expected an image count or a fraction in (0, 1), e.g. {split}=0.05"
+        ) from None
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--carve {split}={text}: a fraction must be in (0, 1); give a whole number for a count")
+    count = int(fraction * available + 0.5)  # rounded half up
+    if count < 1:
+        raise ValueError(f"--carve {split}={text}: {fraction} of {available} train images is 0 images")
+    return count
+
+
+def carve_splits(
+    plan: SplitPlan, requests: Mapping[str, str | float | int], origin: str = "the source"
+) -> tuple[SplitPlan, dict[str, dict]]:
+    """Move images from `train` into held-out splits the source leaves empty; returns the new plan
+    and the manifest's record of it.
+
+    Train keys are ordered by sha256(key) and each split takes the next ones (val first, then test),
+    so the choice depends on neither the seed nor which other files are present. With a count, a
+    smaller download carves the same images minus the missing ones, topped up by the next in the
+    order: val keeps all its remaining images, a test image can move only into val. A fraction is
+    of the train images present, rounded half up, so its count follows them; where it drops, the
+    images last in the order go back to train. Sizes are resolved before anything moves:
+    val=0.1,test=0.1 carves a tenth each.
+    """
+    unknown = sorted(set(requests) - set(CARVABLE_SPLITS))
+    if unknown:
+        raise ValueError(f"--carve can make only {' and '.join(CARVABLE_SPLITS)} splits, not {', '.join(unknown)}")
+    train = plan.splits.get("train", [])
+    available = len(train)
+    sizes = {}
+    for split in (s for s in CARVABLE_SPLITS if s in requests):
+        present = len(plan.splits.get(split, []))
+        if present:
+            raise ValueError(
+                f"cannot carve {split}: {present} {split} images already come from {origin}; "
+                f"carve only a split it leaves empty (drop {split} from --carve to use them)"
+            )
+        sizes[split] = _carve_size(split, requests[split], available)
+    if sizes and sum(sizes.values()) >= available:
+        wanted = " + ".join(f"{n} {s}" for s, n in sizes.items())
+        raise ValueError(f"--carve would leave train empty: it asks for {wanted} of the {available} train images")
+    order = sorted(train, key=lambda key: (hashlib.sha256(key.encode()).digest(), key))
+    splits = dict(plan.splits)
+    carved: dict[str, dict] = {}
+    start = 0
+    for split, count in sizes.items():
+        splits[split] = sorted(order[start : start + count])
+        rule = CARVE_RULE if start == 0 else f"{CARVE_RULE}, after the {' and '.join(carved)} images"
+        carved[split] = {
+            "from": "train",
+            "requested": str(requests[split]).strip(),
+            "count": count,
+            "available": available,
+            "rule": rule,
+        }
+        start += count
+    if not carved:
+        return plan, {}
+    taken = set(order[:start])
+    splits["train"] = [key for key in train if key not in taken]
+    return replace(plan, splits=splits), carved
+
+
 class ImageSource:
     name: str
+    split_origin = "the source"  # where its own splits come from, for carve_splits' refusal
 
     def plan(self) -> SplitPlan:
         raise NotImplementedError
@@ -87,6 +183,7 @@ class CelebASource(ImageSource):
     """The official layout: `img_align_celeba/` or `img_align_celeba.zip`, plus the two lists."""
 
     name = "celeba"
+    split_origin = "the official partition (list_eval_partition.txt)"
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -166,6 +263,8 @@ class FolderSource(ImageSource):
     A stable hash of each file's path puts `val_fraction` of them in a `val` split, so the split
     does not change when files are added.
     """
+
+    split_origin = "--val-fraction"
 
     def __init__(self, root: str | Path, val_fraction: float = 0.0) -> None:
         self.root = Path(root)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,34 +27,17 @@ from gendist.checkpoint import (
     set_rng_state,
 )
 from gendist.config import ConfigError, OptimConfig, RunConfig, differences, load_into, to_dict, to_yaml
-from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, make_loader
+from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch
 from gendist.data.shards import MANIFEST, Preprocess, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
 from gendist.eval.evaluator import EVAL_LOG, Evaluator, append_row
 from gendist.families.base import Sampling
 from gendist.progress import Reporter, drop_rows_after
-from gendist.stopping import LoaderWorkerSignals, StopRequests
+from gendist.stopping import StopRequests
+from gendist.training.stream import BatchStream, TrainState
 
 PLAIN = "accelerate"  # the backend of DDP runs, as checkpoints name it
 DEEPSPEED_FOLDER = "deepspeed"  # in a checkpoint: one DeepSpeed checkpoint per engine (tag = network name)
-
-
-@dataclass
-class TrainState:
-    """Counters that, with the weights, optimizers and RNG, make a resume exact."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    images_seen: int = 0  # real images, over all ranks
-    train_seconds: float = 0.0
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
 
 
 class Diverged(RuntimeError):
@@ -188,12 +169,9 @@ class Session:
         self.checkpointed: dict[str, Any] = {}
         self.per_rank: dict[str, Any] = {}
         self.modules: list[nn.Module] = []
-        self.worker_signals = LoaderWorkerSignals()
-        self._batches = self._stream()
+        self.stream = BatchStream(self.spec, cfg.data.num_workers, self.state, self.device)
         self._window: list[torch.Tensor] = []  # per step: the loop's values, stacked in the order of _names
         self._names: list[str] = []
-        self._data_damage = [0, 0]  # this window's unreadable samples and images short of the manifest
-        self._epochs_read: list[tuple[int, int, int, int, int]] = []  # (epoch, from batch, to batch, errors, short)
         self._window_start, self._window_images_start = time.perf_counter(), 0
         self.reporter: Reporter | None = None
         self.evaluator = Evaluator(cfg, accelerator, shard_dir)
@@ -349,35 +327,9 @@ class Session:
         return f"deepspeed-zero{self.engine_config['zero_optimization']['stage']}" if self.engine_config else PLAIN
 
     # -- data --------------------------------------------------------------------------------
-    def _stream(self) -> Iterator[dict]:
-        while True:
-            loader = make_loader(
-                self.spec, self.cfg.data.num_workers, self.state.epoch, self.state.batch_in_epoch, self.worker_signals
-            )
-            first_batch, damage = self.state.batch_in_epoch, [0, 0]  # this epoch's, beside the window's
-            batches = iter(loader)
-            try:
-                for batch in batches:
-                    self.state.batch_in_epoch += 1
-                    self.state.images_seen += self.spec.batch_size * self.accelerator.num_processes
-                    for counts in (self._data_damage, damage):
-                        counts[0] += batch["errors"]
-                        counts[1] += batch["short"]
-                    images = batch["images"].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
-                    yield {**batch, "images": images, "attrs": batch["attrs"].to(self.device, non_blocking=True)}
-            except BaseException:  # an error, or the stream closed: the workers may end on SIGTERM now
-                self.worker_signals.release()
-                raise
-            finally:  # end the workers here: an error's traceback would keep the iterator alive until exit
-                shutdown = getattr(batches, "_shutdown_workers", None)  # none without worker processes
-                if shutdown is not None:
-                    shutdown()
-            self._epochs_read.append((self.state.epoch, first_batch, self.state.batch_in_epoch, *damage))
-            self.state.epoch, self.state.batch_in_epoch = self.state.epoch + 1, 0
-
     def next_batch(self) -> dict:
         """The next batch of this rank: images as floats in [-1, 1] on the device, attrs as +-1."""
-        return next(self._batches)
+        return self.stream.next()
 
     # -- cadence -----------------------------------------------------------------------------
     @property
@@ -490,7 +442,8 @@ class Session:
     def _log(self) -> None:
         window = torch.stack(self._window)
         means = distributed.mean_across_ranks(self.accelerator, dict(zip(self._names, window.mean(dim=0))))
-        errors, short = distributed.sum_across_ranks(self.accelerator, torch.tensor(self._data_damage)).long().tolist()
+        damage, self.stream.window_damage = self.stream.window_damage, [0, 0]
+        errors, short = distributed.sum_across_ranks(self.accelerator, torch.tensor(damage)).long().tolist()
         seconds = time.perf_counter() - self._window_start
         self.state.train_seconds += seconds
         images = self.state.images_seen - self._window_images_start
@@ -513,25 +466,26 @@ class Session:
         self._report_epochs()
         if not all(math.isfinite(value) for value in means.values()):  # the same on every rank
             self._diverged()
-        self._window, self._data_damage = [], [0, 0]
+        self._window = []
         self._window_start, self._window_images_start = time.perf_counter(), self.state.images_seen
 
     def _report_epochs(self) -> None:
         """Collective: one line per epoch finished since the last log, its images read against the manifest."""
-        for epoch, first, last, errors, short in self._epochs_read:
+        for read in self.stream.epochs_read:
             errors, short = (
-                distributed.sum_across_ranks(self.accelerator, torch.tensor([errors, short])).long().tolist()
+                distributed.sum_across_ranks(self.accelerator, torch.tensor([read.errors, read.short])).long().tolist()
             )
             world, batch = self.accelerator.num_processes, self.spec.batch_size
-            read = (last - first) * batch * world - short
-            resumed = f" (resumed at batch {first}: batches {first}-{last} counted)" if first else ""
-            self.reporter.message(
-                f"epoch {epoch}: read {read} of the {self._split_images} images the manifest lists"
-                f"{resumed}; {short} short of the manifest, {errors} unreadable samples skipped, "
-                f"{self._split_images - last * batch * world} left over (the remainder, which "
-                "rotates between epochs)"
+            resumed = (
+                f" (resumed at batch {read.first}: batches {read.first}-{read.last} counted)" if read.first else ""
             )
-        self._epochs_read = []
+            self.reporter.message(
+                f"epoch {read.epoch}: read {(read.last - read.first) * batch * world - short} of the "
+                f"{self._split_images} images the manifest lists{resumed}; {short} short of the manifest, {errors} "
+                f"unreadable samples skipped, {self._split_images - read.last * batch * world} left over (the "
+                "remainder, which rotates between epochs)"
+            )
+        self.stream.epochs_read = []
 
     def save(self) -> None:
         for module in self.modules:
@@ -599,8 +553,7 @@ class Session:
         # Stop the loader workers now (on an error the stream has stopped them already): left to the
         # garbage collector, the stream dies inside a reference cycle whose queues may be finalised
         # first, and each worker then takes its 5 s shutdown timeout.
-        self.worker_signals.release()
-        self._batches.close()
+        self.stream.close()
         self.stop_requests.restore()
         if self.reporter is not None:
             self.reporter.close()

@@ -19,7 +19,8 @@ from torch import nn
 from gendist import distributed, families
 from gendist.config import RunConfig
 from gendist.families.base import FamilyInputs, StepContext, averaged
-from gendist.training.common import Session, TrainState, apply_hyperparameters, build_optimizer
+from gendist.training.common import Session, apply_hyperparameters, build_optimizer
+from gendist.training.stream import TrainState
 
 
 @dataclass
