@@ -67,6 +67,16 @@ class VaeConfig:
 
 
 @dataclass
+class Pix2PixConfig:
+    """Pix2Pix face inpainting: which holes, the L1 weight (lambda), the PatchGAN's depth."""
+
+    mask: Literal["centre", "rectangles", "strokes", "mixed"] = "mixed"
+    l1_weight: float = 100.0
+    patch_layers: int = 2  # 34 px receptive field: about half of a 64 px face
+    mask_seed: int = 1  # training masks: a function of (mask_seed, step, rank, sample)
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adam", "rmsprop"] = "adam"
     lr_g: float = 2e-4  # generator (or the whole VAE)
@@ -122,6 +132,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
+    pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -178,6 +189,13 @@ class RunConfig:
                 "wgan_gp with fp16 is refused: the penalty's double backward under a loss scaler is not "
                 "supported here; use train.mixed_precision=bf16"
             )
+        if name == "pix2pix" and self.eval.every:
+            raise ConfigError(
+                "pix2pix is scored by the inpainting evaluation (PSNR/SSIM against classical fills), "
+                "which is not wired into eval.every yet; set eval.every=0"
+            )
+        if name == "pix2pix" and self.pix2pix.l1_weight < 0:
+            raise ConfigError(f"pix2pix.l1_weight must be >= 0, got {self.pix2pix.l1_weight}")
         if name == "cgan" and not self.model.attributes:
             raise ConfigError("cgan needs attributes to condition on, e.g. model.attributes=[Male,Smiling,Eyeglasses]")
 

@@ -54,6 +54,11 @@ def evaluate_run(args: argparse.Namespace) -> int:
     shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
     family = families.declare(FamilyInputs(cfg, read_manifest(shard_dir)["attribute_names"]))
     sampling = sampling_from_checkpoint(family, shared, accelerator.device)
+    if sampling.generate is None:
+        raise ConfigError(
+            f"{cfg.model.name} runs are scored by the inpainting evaluation (PSNR/SSIM against "
+            "classical fills), which gendist eval does not run yet"
+        )
     state = shared["train_state"]
     row = Evaluator(cfg, accelerator, shard_dir).evaluate(
         sampling.generate, state["step"], sampling.label, sampling.reconstruct

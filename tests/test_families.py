@@ -48,7 +48,7 @@ def test_every_family_trains_on_2_processes_with_identical_weights(tiny_override
         [*tiny_overrides, "train.steps=3", "train.sample_every=3"],
         [str(REPO / "tests" / "family_worker.py"), str(tmp_path), "all"],
     )
-    assert_ranks_agree(tmp_path, ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae"], proc, samples_at=3)
+    assert_ranks_agree(tmp_path, ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix"], proc, samples_at=3)
     clipped = torch.load(tmp_path / "wgan-rank0.pt", weights_only=True)["discriminator"]
     assert all(v.abs().max() <= 0.01 for k, v in clipped.items() if v.is_floating_point() and "running" not in k)
     assert (tmp_path / "vae" / "samples" / "recon_step_0000003.png").exists()

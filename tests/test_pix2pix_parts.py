@@ -23,9 +23,7 @@ from gendist.eval.inpainting import (
 from gendist.models.pix2pix import (
     PatchDiscriminator,
     UNetGenerator,
-    composite,
     enable_dropout,
-    generator_input,
     patch_grid,
     receptive_field,
     unet_receptive_field,
@@ -126,17 +124,6 @@ def test_init_is_the_papers():
     net = UNetGenerator(ngf=32, image_size=64)
     weights = torch.cat([m.weight.flatten() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))])
     assert weights.mean().abs() < 1e-3 and weights.std().item() == pytest.approx(0.02, rel=0.02)
-
-
-def test_generator_input_and_composite():
-    image, mask = torch.rand(2, 3, 8, 8) * 2 - 1, square_hole(2, 8, 2, 5)
-    x = generator_input(image, mask)
-    assert x.shape == (2, 4, 8, 8) and torch.equal(x[:, 3:], mask)
-    assert (x[:, :3][mask.expand(-1, 3, -1, -1) == 1] == 0).all()
-    generated = torch.full_like(image, 0.25)
-    out = composite(generated, image, mask)
-    hole = mask.expand(-1, 3, -1, -1) == 1
-    assert torch.equal(out[hole], generated[hole]) and torch.equal(out[~hole], image[~hole])
 
 
 # --- PatchGAN -----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from gendist.models.dcgan import Generator
 from gendist.training.loop import train
 
 
-@pytest.mark.parametrize("family", ["dcgan", "gan"])
+@pytest.mark.parametrize("family", ["dcgan", "gan", "pix2pix"])
 def test_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path, family):
     """10 steps straight vs 5, stop, resume for 5: bit-identical weights. Two loader workers and
     an epoch of 7 batches, so the resume skips into a worker's stream and crosses an epoch."""

@@ -3,7 +3,7 @@
 Conventions. Images are (B, 3, H, W) float tensors in [0, 1] (``to_unit`` maps a generator's [-1, 1]
 output there), masks are (B, 1, H, W) or (B, H, W) with 1 (or True) in the hole, as in
 ``gendist.models.pix2pix``. Every metric returns one value per image, shape (B,); average them over
-the evaluation set. Compare methods on composites (known pixels kept, ``pix2pix.composite``) and
+the evaluation set. Compare methods on composites (known pixels kept, ``gendist.data.masks.composite``) and
 quantised to 8 bits as the OpenCV baseline's output is (``quantize``), with the same fixed, seeded
 masks for every method. ``PROTOCOL`` states the rest; quote it next to any number.
 """

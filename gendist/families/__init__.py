@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gendist.families import gan, vae
+from gendist.families import gan, pix2pix, vae
 from gendist.families.base import Family, FamilyInputs
 
 DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
@@ -14,6 +14,7 @@ DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
     "wgan": gan.declare,
     "wgan_gp": gan.declare,
     "vae": vae.declare,
+    "pix2pix": pix2pix.declare,
 }
 
 

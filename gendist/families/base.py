@@ -7,6 +7,7 @@ same way; this module knows nothing of ranks, engines or checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from gendist.config import RunConfig
-from gendist.data.loader import StreamSpec
+from gendist.data.loader import ShardStream, StreamSpec
 
 # z (N, z_dim) and the real attributes (N, A, +-1) the sample should have -> images in [-1, 1]
 Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -49,8 +50,9 @@ class Network:
 
 class StepContext:
     """What a phase's loss sees: the networks as the loop prepared them (DDP or an engine), their
-    bare modules, the next batch of this rank, the step (counted from 1), the repeat within the
-    phase, and scratch shared by the phases of one step (a GAN's last fake batch)."""
+    bare modules, the next batch of this rank, this rank's index (for per-sample seeds), the step
+    (counted from 1), the repeat within the phase, and scratch shared by the phases of one step (a
+    GAN's last fake batch)."""
 
     def __init__(
         self,
@@ -58,8 +60,9 @@ class StepContext:
         bare: dict[str, nn.Module],
         next_batch: Callable[[], dict],
         device: torch.device,
+        rank: int = 0,
     ) -> None:
-        self.nets, self.bare, self.next_batch, self.device = nets, bare, next_batch, device
+        self.nets, self.bare, self.next_batch, self.device, self.rank = nets, bare, next_batch, device, rank
         self.step, self.repeat, self.repeats = 0, 0, 1
         self.scratch: dict[str, Any] = {}
 
@@ -87,7 +90,7 @@ class Sampling:
     """What evaluation scores (`generate`, and `reconstruct` for autoencoders) with the label its
     scores carry, and the sample grids written into a run's samples/ folder at a step."""
 
-    generate: Generate
+    generate: Generate | None  # None: the family is not scored as a noise-driven sampler
     label: str
     write_grids: Callable[[Path, int], None]
     reconstruct: Reconstruct | None = None
@@ -103,6 +106,13 @@ class Family:
     # state that differs between ranks and must survive a resume (CycleGAN's pools of past fakes):
     # objects with state_dict / load_state_dict, checkpointed per rank
     per_rank: dict[str, Any] = field(default_factory=dict)
+
+
+def fixed_real_batch(spec: StreamSpec, count: int) -> torch.Tensor:
+    """The first `count` images of epoch 0 as one rank would read them: the same for every run."""
+    spec = dataclasses.replace(spec, rank=0, world_size=1, batch_size=count)
+    images = next(iter(ShardStream(spec)))["images"]
+    return images.float().div_(127.5).sub_(1.0)
 
 
 def in_memory_format(net: nn.Module, cfg: RunConfig) -> nn.Module:

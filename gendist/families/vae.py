@@ -6,7 +6,6 @@ in odd rows above their reconstructions (samples/recon_step_*.png).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -14,8 +13,17 @@ from torch import nn
 from torchvision.utils import save_image
 
 from gendist.config import RunConfig
-from gendist.data.loader import ShardStream, StreamSpec
-from gendist.families.base import Family, FamilyInputs, Network, Phase, Sampling, Stats, StepContext, in_memory_format
+from gendist.families.base import (
+    Family,
+    FamilyInputs,
+    Network,
+    Phase,
+    Sampling,
+    Stats,
+    StepContext,
+    fixed_real_batch,
+    in_memory_format,
+)
 from gendist.losses.vae import decoded_images, kl_standard_normal, reconstruction_nll
 from gendist.models.vae import ConvVAE
 
@@ -39,13 +47,6 @@ def build_vae(cfg: RunConfig) -> ConvVAE:
         ),
         cfg,
     )
-
-
-def fixed_real_batch(spec: StreamSpec, count: int) -> torch.Tensor:
-    """The first `count` images of epoch 0 as one rank would read them: the same for every run."""
-    spec = dataclasses.replace(spec, rank=0, world_size=1, batch_size=count)
-    images = next(iter(ShardStream(spec)))["images"]
-    return images.float().div_(127.5).sub_(1.0)
 
 
 def declare(inputs: FamilyInputs) -> Family:

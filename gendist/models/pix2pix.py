@@ -1,9 +1,9 @@
 """Pix2Pix (Isola et al. 2017) for inpainting: a U-Net generator and a PatchGAN discriminator.
 
 Conventions. A mask ``m`` is (B, 1, H, W) with 1 in the hole and 0 on known pixels; images are in
-[-1, 1]. The generator sees the masked image and the mask (``generator_input``: 3 + 1 = 4 channels),
+[-1, 1]. The generator sees the masked image and the mask (``gendist.data.masks.masked_input``: 3 + 1 = 4 channels),
 the discriminator sees that input and an image concatenated (4 + 3 = 7 channels), and training and
-inference both keep the known pixels: ``composite(G(x), image, m) = G(x)*m + image*(1-m)``.
+inference both keep the known pixels (``gendist.data.masks.composite``: G(x)*m + image*(1-m)).
 
 Normalisation defaults to instance norm: batch norm with small per-GPU batches breaks Pix2Pix under
 several GPUs (each rank normalises over its own few samples). ``norm`` takes ``feature_norm``'s kinds.
@@ -49,18 +49,6 @@ def pix2pix_init(module: nn.Module) -> None:
     dcgan_init(module)
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.bias is not None:
         nn.init.zeros_(module.bias)
-
-
-def generator_input(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) image in [-1, 1], (B, 1, H, W) hole mask -> (B, 4, H, W): hole pixels zeroed, then the mask."""
-    mask = mask.to(image.dtype)
-    return torch.cat([image * (1 - mask), mask], dim=1)
-
-
-def composite(generated: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """G(x)*m + x*(1-m): the generator's pixels in the hole, the known pixels everywhere else."""
-    mask = mask.to(generated.dtype)
-    return generated * mask + image * (1 - mask)
 
 
 def enable_dropout(model: nn.Module) -> nn.Module:

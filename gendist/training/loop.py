@@ -76,7 +76,7 @@ def train(cfg: RunConfig) -> TrainResult:
     for network in family.networks:
         apply_hyperparameters(updates[network.name].optimizer, network.lr, cfg.optim)
     session.attach(family.sampling(bare))
-    ctx = StepContext(nets, bare, session.next_batch, session.device)
+    ctx = StepContext(nets, bare, session.next_batch, session.device, session.accelerator.process_index)
     with session:
         while session.running:
             ctx.step, ctx.scratch = session.state.step + 1, {}
