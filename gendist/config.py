@@ -122,8 +122,8 @@ class EvalConfig:
     stats_dir: str = ""  # cache of real statistics; "" = <data.cache_dir>/fid_stats
     kid_subsets: int = 100
     kid_subset_size: int = 1000
-    recon_split: str = "val"  # VAE: held-out split for the reconstruction error
-    recon_images: int = 2000  # VAE: first N images of recon_split; 0 = all
+    recon_split: str = "val"  # VAE, pix2pix: held-out split for reconstruction / inpainting scores
+    recon_images: int = 2000  # VAE, pix2pix: first N images of recon_split; 0 = all
 
 
 @dataclass
@@ -188,11 +188,6 @@ class RunConfig:
             raise ConfigError(
                 "wgan_gp with fp16 is refused: the penalty's double backward under a loss scaler is not "
                 "supported here; use train.mixed_precision=bf16"
-            )
-        if name == "pix2pix" and self.eval.every:
-            raise ConfigError(
-                "pix2pix is scored by the inpainting evaluation (PSNR/SSIM against classical fills), "
-                "which is not wired into eval.every yet; set eval.every=0"
             )
         if name == "pix2pix" and self.pix2pix.l1_weight < 0:
             raise ConfigError(f"pix2pix.l1_weight must be >= 0, got {self.pix2pix.l1_weight}")

@@ -18,7 +18,7 @@ from gendist import distributed, families
 from gendist.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from gendist.config import ConfigError, load_config, parse_args_with_overrides
 from gendist.data.shards import read_manifest
-from gendist.eval.evaluator import Evaluator, append_row
+from gendist.eval.evaluator import SHOWN, Evaluator, append_row
 from gendist.eval.inception import InceptionWeightsError
 from gendist.families.base import FamilyInputs, sampling_from_checkpoint
 from gendist.training.common import resolve_shards
@@ -54,19 +54,14 @@ def evaluate_run(args: argparse.Namespace) -> int:
     shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
     family = families.declare(FamilyInputs(cfg, read_manifest(shard_dir)["attribute_names"]))
     sampling = sampling_from_checkpoint(family, shared, accelerator.device)
-    if sampling.generate is None:
-        raise ConfigError(
-            f"{cfg.model.name} runs are scored by the inpainting evaluation (PSNR/SSIM against "
-            "classical fills), which gendist eval does not run yet"
-        )
     state = shared["train_state"]
     row = Evaluator(cfg, accelerator, shard_dir).evaluate(
-        sampling.generate, state["step"], sampling.label, sampling.reconstruct
+        sampling.generate, state["step"], sampling.label, sampling.reconstruct, sampling.complete
     )
     row.update(images_seen=state["images_seen"], source="gendist eval", checkpoint=str(checkpoint))
     if accelerator.is_main_process:
         append_row(run_dir, row)
-        shown = "  ".join(f"{k} {row[k]:.5g}" for k in ("fid", "kid", "kid_std", "recon_mse") if k in row)
+        shown = "  ".join(f"{k} {row[k]:.5g}" for k in SHOWN if k in row)
         print(f"{run_dir} step {row['step']}: {shown}\n  seconds: {row['seconds']}\n  protocol: {row['protocol']}")
     return 0
 

@@ -268,3 +268,23 @@ def test_compare_reports_table_and_figures_for_real_runs(tiny_overrides, tmp_pat
     )
     cli_main(["compare", *map(str, runs.values()), "--out", str(out)])
     assert "not comparable:**" in (out / "report.md").read_text()
+
+
+def test_pix2pix_is_scored_against_telea_and_mean_fill_on_fixed_held_out_masks(tiny_overrides, tmp_path):
+    """Held-out images with fixed seeded masks: the model, Telea and the mean fill scored alike (PSNR,
+    SSIM, L1 in the hole), FID/KID of the completions; the same numbers in training and gendist eval."""
+    run, stats = tmp_path / "run", f"eval.stats_dir={tmp_path / 'stats'}"
+    common = [*tiny_overrides, *RANDOM_EVAL, "model.name=pix2pix", stats]
+    train(load_config(None, [*common, "train.steps=2", "eval.every=2"]))
+    assert cli_main(["eval", str(run), stats]) == 0
+    during, after = read_rows(run)
+    for row in (during, after):
+        assert row["inpainting_images"] == 16 and row["inpainting_split"] == "val" and "fid" not in row
+        for method in ("model", "telea", "mean_fill"):
+            assert 0 < row[f"psnr_{method}"] < 100 and -1 <= row[f"ssim_{method}"] <= 1
+            assert 0 <= row[f"l1_hole_{method}"] <= 1
+        assert np.isfinite(row["completed_fid"]) and row["protocol"]["generated"] == 0
+    for key in ("psnr_telea", "ssim_telea", "l1_hole_telea", "psnr_mean_fill", "l1_hole_mean_fill"):
+        assert during[key] == after[key]  # the same images and masks, whatever the process
+    assert during["psnr_model"] == pytest.approx(after["psnr_model"], rel=1e-6)
+    assert during["psnr_telea"] > during["psnr_mean_fill"]  # Telea propagates the surroundings inward

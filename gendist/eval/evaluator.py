@@ -20,13 +20,20 @@ from accelerate import Accelerator
 from gendist import distributed
 from gendist.config import RunConfig
 from gendist.data.loader import read_in_order
+from gendist.data.masks import eval_keys, mask_batch
 from gendist.eval import reference as ref_cache
 from gendist.eval.inception import FidInception, weights_id
+from gendist.eval.inpainting import PROTOCOL as INPAINTING_PROTOCOL
+from gendist.eval.inpainting import from_uint8_hwc, inpainting_metrics, mean_fill, quantize, telea_fill
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
-from gendist.families.base import Generate, Reconstruct
+from gendist.families.base import Complete, Generate, Reconstruct
 from gendist.progress import append_jsonl, read_jsonl
 
 EVAL_LOG = "eval.jsonl"
+INPAINTING_METHODS = ("model", "telea", "mean_fill")  # the family's completion, then the in-run baselines
+INPAINTING_METRICS = ("psnr", "ssim", "l1_hole")
+# what a log line shows of an evaluation row
+SHOWN = ("fid", "kid", "kid_std", "recon_mse", "psnr_model", "psnr_telea", "psnr_mean_fill", "completed_fid")
 PROTOCOL = "pytorch-fid InceptionV3 pool3 (2048-d), bilinear resize to 299x299, images quantised to uint8"
 
 
@@ -126,11 +133,34 @@ class Evaluator:
 
     # -- the generated side --------------------------------------------------------------------
     def evaluate(
-        self, generate: Generate, step: int, generator_label: str, reconstruct: Reconstruct | None = None
+        self,
+        generate: Generate | None,
+        step: int,
+        generator_label: str,
+        reconstruct: Reconstruct | None = None,
+        complete: Complete | None = None,
     ) -> dict:
         """One evaluation; returns the row (on every rank) that rank 0 appends to eval.jsonl."""
-        ev, timer = self.cfg.eval, Timer(self.device)
+        timer = Timer(self.device)
         reference = self.reference(timer)
+        row: dict = {}
+        if generate is not None:
+            row.update(self._generated(generate, reference, timer))
+        if reconstruct is not None:
+            row.update(self._reconstruction(reconstruct, timer))
+        if complete is not None:
+            row.update(self._inpainting(complete, reference, timer))
+        row = distributed.broadcast_from_main(self.accelerator, row)
+        return {
+            "step": step,
+            **row,
+            "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
+            "protocol": self.protocol(reference, generator_label, generated=generate is not None),
+        }
+
+    def _generated(self, generate: Generate, reference: ref_cache.Reference, timer: Timer) -> dict:
+        """FID and KID of `eval.num_samples` generated images (on rank 0; empty elsewhere)."""
+        ev = self.cfg.eval
         noise = torch.randn(ev.num_samples, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(ev.seed))
         labels = torch.from_numpy(reference.attrs[np.arange(ev.num_samples) % reference.count]).float()
         start, end = self._share(ev.num_samples)
@@ -143,39 +173,83 @@ class Evaluator:
                 features.append(self.inception(images))
         with timer.phase("gather"):
             generated = self._gather(features, ev.num_samples)
-        row: dict = {}
-        if self.accelerator.is_main_process:
-            with timer.phase("statistics"):
-                mu, sigma = feature_statistics(generated)
-            with timer.phase("frechet"):
-                row["fid"] = frechet_distance(reference.mu, reference.sigma, mu, sigma, reference.sqrt_sigma)
-            with timer.phase("kid"):
-                row["kid"], row["kid_std"] = kernel_inception_distance(
-                    reference.features, generated, ev.kid_subsets, ev.kid_subset_size, ev.seed
-                )
-        if reconstruct is not None:
-            row.update(self._reconstruction(reconstruct, timer))
-        row = distributed.broadcast_from_main(self.accelerator, row)
-        return {
-            "step": step,
-            **row,
-            "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
-            "protocol": self.protocol(reference, generator_label),
-        }
+        return self._distances(generated, reference, timer) if self.accelerator.is_main_process else {}
 
-    def _reconstruction(self, reconstruct: Reconstruct, timer: Timer) -> dict:
-        """Mean squared error per pixel (values in [0, 1]) of reconstructions of held-out images."""
+    def _distances(self, features: np.ndarray, reference: ref_cache.Reference, timer: Timer, prefix: str = "") -> dict:
+        """FID and KID of a gathered feature set against the reference (rank 0)."""
         ev = self.cfg.eval
-        if self._held_out is None:  # read once per run, like the reference
+        with timer.phase("statistics"):
+            mu, sigma = feature_statistics(features)
+        with timer.phase("frechet"):
+            fid = frechet_distance(reference.mu, reference.sigma, mu, sigma, reference.sqrt_sigma)
+        with timer.phase("kid"):
+            kid, kid_std = kernel_inception_distance(
+                reference.features, features, ev.kid_subsets, ev.kid_subset_size, ev.seed
+            )
+        return {f"{prefix}fid": fid, f"{prefix}kid": kid, f"{prefix}kid_std": kid_std}
+
+    def _inpainting(self, complete: Complete, reference: ref_cache.Reference, timer: Timer) -> dict:
+        """Held-out images with fixed seeded masks (one per image index, whatever the ranks), completed
+        by the model and by the classical baselines, all scored alike (eval.inpainting.PROTOCOL):
+        PSNR and SSIM over the whole image, L1 inside the hole; FID/KID of the model's completions."""
+        images = self._held_out_images()
+        if isinstance(images, str):
+            return {"inpainting_skipped": images}
+        ev, size = self.cfg.eval, self.cfg.model.image_size
+        masks = mask_batch(self.cfg.pix2pix.mask, size, ev.seed, eval_keys(range(len(images))))
+        start, end = self._share(len(images))
+        sums = torch.zeros(len(INPAINTING_METHODS), len(INPAINTING_METRICS), dtype=torch.float64, device=self.device)
+        features = []
+        for i in range(start, end, ev.batch_size):
+            stop = min(i + ev.batch_size, end)
+            real, mask = unit_range(images[i:stop], self.device), masks[i:stop].to(self.device)
+            with timer.phase("complete"), torch.no_grad():
+                completed = quantised(complete(real * 2 - 1, mask))
+            with timer.phase("baselines"):
+                telea = from_uint8_hwc(telea_fill(images[i:stop], masks[i:stop, 0].numpy())).to(self.device)
+                mean = quantize(mean_fill(real, mask))
+            with timer.phase("inpainting_metrics"):
+                for row, output in enumerate((completed, telea, mean)):
+                    scores = inpainting_metrics(output, real, mask)
+                    sums[row] += torch.stack([scores[name].double().sum() for name in INPAINTING_METRICS])
+            with timer.phase("features"):
+                features.append(self.inception(completed))
+        totals = distributed.sum_across_ranks(self.accelerator, sums) / len(images)
+        row: dict = {
+            f"{metric}_{method}": value
+            for method, values in zip(INPAINTING_METHODS, totals.tolist())
+            for metric, value in zip(INPAINTING_METRICS, values)
+        }
+        row.update(
+            inpainting_images=len(images),
+            inpainting_split=ev.recon_split,
+            inpainting_masks=self.cfg.pix2pix.mask,
+            inpainting_protocol=INPAINTING_PROTOCOL,
+        )
+        with timer.phase("gather"):
+            gathered = self._gather(features, len(images))
+        if self.accelerator.is_main_process:
+            row.update(self._distances(gathered, reference, timer, prefix="completed_"))
+        return row
+
+    def _held_out_images(self) -> np.ndarray | str:
+        """eval.recon_split's first eval.recon_images images, read once per run; or why there are none."""
+        ev = self.cfg.eval
+        if self._held_out is None:
             try:
                 self._held_out = read_in_order(
                     self.shard_dir, ev.recon_split, self.cfg.model.image_size, ev.recon_images
                 )[0]
             except ValueError as err:  # e.g. a dataset without a held-out split: say so in the row
                 self._held_out = str(err)
-        if isinstance(self._held_out, str):
-            return {"recon_skipped": self._held_out}
-        images = self._held_out
+        return self._held_out
+
+    def _reconstruction(self, reconstruct: Reconstruct, timer: Timer) -> dict:
+        """Mean squared error per pixel (values in [0, 1]) of reconstructions of held-out images."""
+        ev = self.cfg.eval
+        images = self._held_out_images()
+        if isinstance(images, str):
+            return {"recon_skipped": images}
         start, end = self._share(len(images))
         squared = torch.zeros((), dtype=torch.float64, device=self.device)
         with timer.phase("reconstruction"), torch.no_grad():
@@ -186,13 +260,13 @@ class Evaluator:
         total = distributed.sum_across_ranks(self.accelerator, squared).item()
         return {"recon_mse": total / images.size, "recon_images": len(images), "recon_split": ev.recon_split}
 
-    def protocol(self, reference: ref_cache.Reference, generator_label: str) -> dict:
+    def protocol(self, reference: ref_cache.Reference, generator_label: str, generated: bool = True) -> dict:
         ev = self.cfg.eval
         described = reference.description
         return {
             "fid": PROTOCOL,
             "inception": described["inception"],
-            "generated": ev.num_samples,
+            "generated": ev.num_samples if generated else 0,
             "generator": generator_label,
             "noise_seed": ev.seed,
             "reference_split": described["split"],

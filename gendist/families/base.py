@@ -24,6 +24,8 @@ from gendist.data.loader import ShardStream, StreamSpec
 Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # real images in [-1, 1] -> reconstructions in [-1, 1]
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
+# real images in [-1, 1] and hole masks (B, 1, H, W; 1 = hole) -> completions in [-1, 1], known pixels kept
+Complete = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Stats = dict[str, torch.Tensor | float]
 
 
@@ -94,6 +96,7 @@ class Sampling:
     label: str
     write_grids: Callable[[Path, int], None]
     reconstruct: Reconstruct | None = None
+    complete: Complete | None = None  # inpainting families
 
 
 @dataclass

@@ -81,7 +81,10 @@ def declare(inputs: FamilyInputs) -> Family:
             shown = torch.cat([real * (1 - mask), completed, real])
             save_image(shown, folder / f"step_{step:07d}.png", nrow=GRID_IMAGES, normalize=True, value_range=(-1, 1))
 
-        return Sampling(None, "pix2pix generator", write_grids)
+        def complete(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return composite(model(masked_input(images, mask)).float(), images, mask)
+
+        return Sampling(None, "pix2pix generator", write_grids, complete=complete)
 
     return Family(
         networks=[

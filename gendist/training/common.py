@@ -30,7 +30,7 @@ from gendist.config import ConfigError, OptimConfig, RunConfig, differences, loa
 from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch
 from gendist.data.shards import MANIFEST, Preprocess, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
-from gendist.eval.evaluator import EVAL_LOG, Evaluator, append_row
+from gendist.eval.evaluator import EVAL_LOG, SHOWN, Evaluator, append_row
 from gendist.families.base import Sampling
 from gendist.progress import Reporter, drop_rows_after
 from gendist.stopping import StopRequests
@@ -425,12 +425,14 @@ class Session:
         started = time.perf_counter()
         sampling = self._sampling
         with self._modules_in_eval_mode():
-            row = self.evaluator.evaluate(sampling.generate, self.state.step, sampling.label, sampling.reconstruct)
+            row = self.evaluator.evaluate(
+                sampling.generate, self.state.step, sampling.label, sampling.reconstruct, sampling.complete
+            )
         row["images_seen"] = self.state.images_seen
         row["source"] = "training"
         if self.accelerator.is_main_process:
             append_row(self.run_dir, row)
-        shown = "  ".join(f"{k} {row[k]:.4g}" for k in ("fid", "kid", "recon_mse") if k in row)
+        shown = "  ".join(f"{k} {row[k]:.4g}" for k in SHOWN if k in row)
         self.reporter.message(
             f"eval step {self.state.step}: {shown}  ({sum(row['seconds'].values()):.1f}s, "
             f"{row['protocol']['generated']} samples vs {row['protocol']['reference_images']} "
