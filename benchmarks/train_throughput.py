@@ -25,11 +25,13 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {
+    "gan": "gan_celeba64",
     "dcgan": "dcgan_celeba64",
     "wgan": "wgan_clip_celeba64",
     "wgan_gp": "wgan_gp_celeba64",
     "cgan": "cgan_celeba64",
     "vae": "vae_celeba64",
+    "pix2pix": "pix2pix_inpaint_celeba64",
 }
 
 
@@ -42,6 +44,7 @@ def run(family: str, processes: int, steps: int, batch: int, work: Path) -> floa
         "train.sample_every=100000",
         "train.checkpoint_every=100000",
         "train.mixed_precision=no",
+        "eval.every=0",  # throughput of training alone (the presets evaluate every 5000 steps)
         "data.shards=synthetic",
         f"data.cache_dir={work / 'cache'}",
         f"data.batch_size={batch}",
