@@ -81,6 +81,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     cfg = load_config(sweep.base, sweep.overrides)
     if cfg.eval.every < 1:
         raise ConfigError("trials are scored by FID: set eval.every in the base config or the sweep's overrides")
+    if cfg.model.name == "pix2pix":
+        raise ConfigError(
+            "trials are scored by the FID of generated samples; pix2pix is scored by its inpainting "
+            "metrics (PSNR, SSIM, L1 in the hole), which sweeps do not rank by yet"
+        )
     if not sweep.space:
         raise ConfigError(f"{path}: 'space' is empty; give at least one config key to search")
     for key, spec in sweep.space.items():

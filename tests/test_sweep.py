@@ -85,6 +85,8 @@ def test_sweep_file_errors_name_the_problem(tmp_path, synthetic_shards):
     path = write_sweep(tmp_path, synthetic_shards, {"optim.lr_g": {"choice": [1e-4]}})
     with pytest.raises(ConfigError, match="trials are scored by FID"):
         load_sweep(path, ["overrides=[eval.every=0]"])
+    with pytest.raises(ConfigError, match="pix2pix is scored by its inpainting metrics"):
+        load_sweep(path, ["overrides=[model.name=pix2pix,eval.every=2]"])
     with pytest.raises(ConfigError, match="valid keys in the top level: base, overrides, space, sweep"):
         load_sweep(path, ["sweeps.num_samples=3"])
 
