@@ -32,24 +32,24 @@ def worker(out: Path, profiled: int, overrides: list[str]) -> None:
 
     from gendist import distributed
     from gendist.config import load_config
-    from gendist.training import common
     from gendist.training.loop import train
+    from gendist.training.session import Session
 
     cfg = load_config(REPO / "configs" / "dcgan_celeba64.yaml", overrides)
     last_unprofiled = cfg.train.steps - profiled
     profiler = profile(
         activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     )
-    step_done = common.Session.step_done
+    step_done = Session.step_done
 
-    def profiled_step_done(session: common.Session, values: dict) -> None:
+    def profiled_step_done(session: Session, values: dict) -> None:
         step_done(session, values)
         if session.state.step == last_unprofiled:  # the steps after it are profiled
             profiler.start()
         elif session.state.step == cfg.train.steps:
             profiler.stop()
 
-    common.Session.step_done = profiled_step_done
+    Session.step_done = profiled_step_done
     train(cfg)
     reduce_us = sum(
         e.cpu_time_total + getattr(e, "device_time_total", 0)

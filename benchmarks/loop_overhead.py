@@ -32,8 +32,8 @@ from gendist.config import load_config
 from gendist.data.loader import ShardStream
 from gendist.distributed import seed_everything
 from gendist.families.gan import build_networks
-from gendist.training.common import resolve_shards
 from gendist.training.loop import train
+from gendist.training.stream import resolve_shards
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"dcgan": "dcgan_celeba64", "wgan_gp": "wgan_gp_celeba64"}

@@ -50,13 +50,14 @@ def worker(out: Path, overrides: list[str]) -> None:
 
     from gendist import distributed
     from gendist.config import load_config
-    from gendist.training import common
+    from gendist.training.checkpointing import Checkpointed
     from gendist.training.loop import train
+    from gendist.training.session import Session
 
     on_gpu = torch.cuda.is_available()
-    step_done = common.Session.step_done
+    step_done = Session.step_done
 
-    def measured_step_done(session: common.Session, values: dict) -> None:
+    def measured_step_done(session: Session, values: dict) -> None:
         step_done(session, values)
         if session.state.step == 1:  # the training steps that follow set the peak
             torch.cuda.reset_peak_memory_stats() if on_gpu else reset_peak_rss()
@@ -64,14 +65,14 @@ def worker(out: Path, overrides: list[str]) -> None:
     def peak() -> int:
         return torch.cuda.max_memory_allocated() if on_gpu else rss_bytes("VmHWM") - before
 
-    save = common.Session.save
+    save = Checkpointed.save
     peaks: dict[str, int] = {}
 
-    def measured_save(session: common.Session) -> None:
+    def measured_save(checkpointed: Checkpointed) -> None:
         peaks["steps"] = peak()  # the last step's checkpoint comes after its optimizer steps
-        save(session)
+        save(checkpointed)
 
-    common.Session.step_done, common.Session.save = measured_step_done, measured_save
+    Session.step_done, Checkpointed.save = measured_step_done, measured_save
     before = rss_bytes("VmRSS")
     result = train(load_config(None, overrides))
     peaks["with_save"] = peak()

@@ -21,7 +21,7 @@ from gendist.data.shards import read_manifest
 from gendist.eval.evaluator import SHOWN, Evaluator, append_row
 from gendist.eval.inception import InceptionWeightsError
 from gendist.families.base import FamilyInputs, sampling_from_checkpoint
-from gendist.training.common import resolve_shards
+from gendist.training.stream import resolve_shards
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,19 +33,27 @@ def _finite_or_null(value: Any) -> Any:
     return value
 
 
-def drop_rows_after(path: Path, step: int, applies: Callable[[dict[str, Any]], bool] = lambda row: True) -> None:
-    """Remove the rows of steps after `step` (those `applies` to), which a resumed run logs again, and
-    lines a killed writer left torn (they would stop every later reader)."""
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file gendist wrote, skipping a line a killed writer left torn; none if the
+    file does not exist."""
     if not path.is_file():
-        return
-    lines = path.read_text().splitlines()
+        return []
     rows = []
-    for line in lines:
+    for line in path.read_text().splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-    kept = [row for row in rows if not (row.get("step", 0) > step and applies(row))]
+    return rows
+
+
+def drop_rows_after(path: Path, step: int, applies: Callable[[dict[str, Any]], bool] = lambda row: True) -> None:
+    """Remove the rows of steps after `step` (those `applies` to), which a resumed run logs again, and
+    lines a killed writer left torn (they would stop a strict reader)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [row for row in read_jsonl(path) if not (row.get("step", 0) > step and applies(row))]
     if len(kept) != len(lines):
         partial = path.with_name(path.name + ".partial")
         partial.unlink(missing_ok=True)
@@ -53,11 +61,6 @@ def drop_rows_after(path: Path, step: int, applies: Callable[[dict[str, Any]], b
             append_jsonl(partial, row)
         partial.touch()
         os.replace(partial, path)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL file gendist wrote; none if it does not exist."""
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 class Reporter:

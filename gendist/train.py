@@ -14,8 +14,8 @@ from gendist import distributed
 from gendist.checkpoint import CheckpointError
 from gendist.config import ConfigError, load_config, parse_args_with_overrides, to_yaml
 from gendist.eval.inception import InceptionWeightsError
-from gendist.training.common import Diverged
 from gendist.training.loop import train as train_family
+from gendist.training.window import Diverged
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

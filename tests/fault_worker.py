@@ -11,7 +11,7 @@ import sys
 
 from gendist import train
 from gendist.data.loader import ShardStream
-from gendist.training.common import Session
+from gendist.training.session import Session
 
 kind, bad_rank, bad_step, overrides = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 if int(os.environ.get("RANK", "0")) == bad_rank and kind == "step":

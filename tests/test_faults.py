@@ -13,8 +13,8 @@ from conftest import REPO, assert_same_run, launch
 
 from gendist.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from gendist.config import ConfigError, load_config
-from gendist.training.common import Diverged, stack_values
 from gendist.training.loop import train
+from gendist.training.window import Diverged, stack_values
 
 
 def strict_rows(path):
@@ -135,7 +135,7 @@ def test_resuming_under_another_layout_is_said_and_continues(tiny_overrides, tmp
     assert "not bit-identically" in out
     assert result.state.step == 6
     # 4 batches of 8 were read in epoch 0; carried over as 8 batches of 4, then 2 more
-    assert result.state.batch_in_epoch == 10
+    assert result.state.position().batch_in_epoch == 10
 
 
 def test_a_relaunch_with_other_settings_keeps_the_old_config_and_refuses_other_networks(

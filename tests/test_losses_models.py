@@ -96,7 +96,7 @@ def test_networks_are_built_in_the_configured_memory_format_with_fused_adam(chan
     from gendist.config import load_config
     from gendist.families.gan import build_networks
     from gendist.families.vae import build_vae
-    from gendist.training.common import build_optimizer
+    from gendist.training.optimizers import build_optimizer
 
     cfg = load_config(None, [f"train.channels_last={channels_last}"])
     vae_cfg = load_config(None, ["model.name=vae", f"train.channels_last={channels_last}"])

@@ -10,11 +10,56 @@ import pytest
 import torch
 from conftest import REPO, assert_same_weights, launch
 
+from gendist import families
 from gendist.checkpoint import list_checkpoints, load_checkpoint
 from gendist.config import load_config
+from gendist.data.loader import batches_per_epoch
+from gendist.data.shards import read_manifest
 from gendist.distributed import seed_everything
 from gendist.models.dcgan import Generator
+from gendist.progress import read_jsonl
 from gendist.training.loop import train
+
+
+def test_named_streams_keep_their_own_positions_and_resume_exactly(
+    tiny_overrides, synthetic_shards, tmp_path, monkeypatch
+):
+    """A family whose critic phase also reads a second stream ('extra': the small val split) advances
+    each stream through its own epochs; 8 steps straight equal 4 + resume + 4, both positions included."""
+    declare = families.DECLARATIONS["dcgan"]
+
+    def with_two_streams(inputs):
+        family = declare(inputs)
+        family.streams = {"train": inputs.cfg.data.split, "extra": "val"}
+        critic = family.phases[0]
+
+        def loss_reading_both(ctx):
+            loss, stats = critic.loss(ctx)
+            extra = ctx.next_batch("extra")["images"]
+            return loss + 1e-3 * extra.mean(), {**stats, "extra_mean": extra.mean()}
+
+        family.phases[0] = dataclasses.replace(critic, loss=loss_reading_both)
+        return family
+
+    monkeypatch.setitem(families.DECLARATIONS, "dcgan", with_two_streams)
+    common = [*tiny_overrides, "train.checkpoint_every=4", "train.log_every=1"]
+    straight = train(load_config(None, [*common, "train.steps=8", f"train.run_dir={tmp_path / 'a'}"]))
+    per_epoch = batches_per_epoch(read_manifest(synthetic_shards)["splits"]["val"]["count"], 1, 8)
+    assert per_epoch < 8  # the extra stream wraps around its epochs within the run
+    extra, main = straight.state.position("extra"), straight.state.position()
+    assert (main.epoch, main.batch_in_epoch) == (0, 8)
+    assert (extra.epoch, extra.batch_in_epoch) == divmod(8, per_epoch)
+    assert straight.state.images_seen == 2 * 8 * 8
+    rows = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    assert rows[-1]["epoch_extra"] == extra.epoch and rows[-1]["epoch"] == 0
+
+    train(load_config(None, [*common, "train.steps=4", f"train.run_dir={tmp_path / 'b'}"]))
+    resumed = train(load_config(None, [*common, "train.steps=8", f"train.run_dir={tmp_path / 'b'}"]))
+    assert dataclasses.replace(straight.state, train_seconds=0.0) == dataclasses.replace(
+        resumed.state, train_seconds=0.0
+    )
+    for network in ("generator", "discriminator"):
+        assert_same_weights(straight[network].state_dict(), resumed[network].state_dict())
 
 
 @pytest.mark.parametrize("family", ["dcgan", "gan", "pix2pix"])
@@ -30,9 +75,9 @@ def test_resume_matches_an_uninterrupted_run(tiny_overrides, tmp_path, family):
     ]
     straight = train(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'a'}"]))
     first = train(load_config(None, [*common, "train.steps=5", f"train.run_dir={tmp_path / 'b'}"]))
-    assert first.state.step == 5 and first.state.epoch == 0
+    assert first.state.step == 5 and first.state.position().epoch == 0
     resumed = train(load_config(None, [*common, "train.steps=10", f"train.run_dir={tmp_path / 'b'}"]))
-    assert resumed.state.step == 10 and resumed.state.epoch == 1
+    assert resumed.state.step == 10 and resumed.state.position().epoch == 1
     assert dataclasses.replace(straight.state, train_seconds=0.0) == dataclasses.replace(
         resumed.state, train_seconds=0.0
     )

@@ -52,7 +52,8 @@ class Network:
 
 class StepContext:
     """What a phase's loss sees: the networks as the loop prepared them (DDP or an engine), their
-    bare modules, the next batch of this rank, this rank's index (for per-sample seeds), the step
+    bare modules, `next_batch(stream="train")` giving this rank's next batch of a named stream, this
+    rank's index (for per-sample seeds), the step
     (counted from 1), the repeat within the phase, and scratch shared by the phases of one step (a
     GAN's last fake batch)."""
 
@@ -60,7 +61,7 @@ class StepContext:
         self,
         nets: dict[str, nn.Module],
         bare: dict[str, nn.Module],
-        next_batch: Callable[[], dict],
+        next_batch: Callable[..., dict],
         device: torch.device,
         rank: int = 0,
     ) -> None:
@@ -109,6 +110,9 @@ class Family:
     # state that differs between ranks and must survive a resume (CycleGAN's pools of past fakes):
     # objects with state_dict / load_state_dict, checkpointed per rank
     per_rank: dict[str, Any] = field(default_factory=dict)
+    # the named data streams, name -> split, each with its own position (None: one stream, "train",
+    # of data.split); a phase reads one with ctx.next_batch(name)
+    streams: dict[str, str] | None = None
 
 
 def fixed_real_batch(spec: StreamSpec, count: int) -> torch.Tensor:

@@ -48,3 +48,20 @@ def gradient_penalty(
     (grads,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
     norms = grads.float().flatten(start_dim=1).norm(2, dim=1)
     return ((norms - 1.0) ** 2).mean()
+
+
+def d_least_squares(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """LSGAN (Mao et al. 2017) discriminator loss with targets 1 (real) and 0 (fake), halved:
+    0.5 * (E[(D(x) - 1)^2] + E[D(G(z))^2]).
+
+    The 1/2 is the CycleGAN reference's (``backward_D_basic`` averages its real and fake MSE terms)
+    and the paper's ("we divide the objective by 2 while optimizing D, which slows down the rate at
+    which D learns, relative to the rate of G"): D's gradients are half those of the plain sum.
+    """
+    real, fake = real_scores.float(), fake_scores.float()
+    return 0.5 * (((real - 1.0) ** 2).mean() + (fake**2).mean())
+
+
+def g_least_squares(fake_scores: torch.Tensor) -> torch.Tensor:
+    """LSGAN generator loss E[(D(G(z)) - 1)^2], not halved (the reference's G term: MSE to target 1)."""
+    return ((fake_scores.float() - 1.0) ** 2).mean()

@@ -19,7 +19,8 @@ from torch import nn
 from gendist import distributed, families
 from gendist.config import RunConfig
 from gendist.families.base import FamilyInputs, StepContext, averaged
-from gendist.training.common import Session, apply_hyperparameters, build_optimizer
+from gendist.training.optimizers import apply_hyperparameters, build_optimizer
+from gendist.training.session import Session
 from gendist.training.stream import TrainState
 
 
@@ -52,6 +53,7 @@ def train(cfg: RunConfig) -> TrainResult:
     family = families.declare(FamilyInputs(cfg, session.attribute_names, session.spec))
     for note in family.notes:
         distributed.rank_print(session.accelerator, note)
+    session.open_streams(family.streams)
     nets: dict[str, nn.Module] = {}
     bare: dict[str, nn.Module] = {}
     updates = {}

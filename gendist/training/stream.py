@@ -1,15 +1,58 @@
-"""A rank's stream of training batches: epoch after epoch from the run's data position, as device
+"""A rank's training data: the family's named streams (one split each: a GAN's `train`, CycleGAN's
+two domains), each read epoch after epoch from its own position in the train state, as device
 floats, with the damage the loader reports counted per log window and per epoch."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 
-from gendist.data.loader import StreamSpec, make_loader
+from gendist.config import ConfigError, RunConfig
+from gendist.data.loader import ShardStream, StreamSpec, make_loader
+from gendist.data.shards import MANIFEST, Preprocess, write_shards
+from gendist.data.synthetic import VERSION, SyntheticFacesSource
 from gendist.stopping import LoaderWorkerSignals
+
+DEFAULT_STREAM = "train"  # a family with one stream reads data.split under this name
+
+
+def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
+    """The shard folder to read; builds the embedded synthetic set on first use (once per node)."""
+    if cfg.data.shards != "synthetic":
+        return cfg.data.shards
+    size = cfg.model.image_size
+    folder = Path(cfg.data.cache_dir).expanduser() / f"synthetic-faces-v{VERSION}-n{cfg.data.synthetic_count}-{size}px"
+    with accelerator.local_main_process_first():
+        if accelerator.is_local_main_process and not (folder / MANIFEST).exists():
+            accelerator.print(f"building the embedded synthetic face set in {folder} (once)")
+            write_shards(
+                SyntheticFacesSource(cfg.data.synthetic_count),
+                folder,
+                Preprocess(size),
+                shard_size=1024,
+                show_progress=True,
+            )
+    return str(folder)
+
+
+def checked_stream(spec: StreamSpec, name: str = DEFAULT_STREAM) -> ShardStream:
+    """The stream of `spec`; its split, image size and batch against the split's size are checked
+    now and said as config errors."""
+    try:
+        return ShardStream(spec)
+    except ValueError as err:
+        raise ConfigError(str(err) if name == DEFAULT_STREAM else f"stream '{name}': {err}") from None
+
+
+@dataclass
+class StreamPosition:
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
 
 
 @dataclass
@@ -17,15 +60,23 @@ class TrainState:
     """Counters that, with the weights, optimizers and RNG, make a resume exact."""
 
     step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0  # batches of `epoch` already consumed
-    images_seen: int = 0  # real images, over all ranks
+    images_seen: int = 0  # real images, over all ranks and streams
     train_seconds: float = 0.0
+    positions: dict[str, StreamPosition] = field(default_factory=dict)  # per named stream
+
+    def position(self, stream: str = DEFAULT_STREAM) -> StreamPosition:
+        return self.positions.setdefault(stream, StreamPosition())
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        if "epoch" in state:  # written before named streams: the one stream's position
+            position = {"epoch": state.pop("epoch"), "batch_in_epoch": state.pop("batch_in_epoch")}
+            state["positions"] = {DEFAULT_STREAM: position}
+        for name, position in state.pop("positions").items():  # in place: the streams hold their positions
+            vars(self.position(name)).update(position)
         for key, value in state.items():
             setattr(self, key, value)
 
@@ -42,12 +93,14 @@ class EpochRead:
 
 
 class BatchStream:
-    """Batches of this rank from `state`'s data position on, advancing it. The loader's workers end
-    on every exit path: in the stream on an error (a traceback would keep the loader alive until
-    exit) and at `close`."""
+    """Batches of this rank from `position` on, advancing it (and `state.images_seen`). The loader's
+    workers end on every exit path: in the stream on an error (a traceback would keep the loader
+    alive until exit) and at `close`."""
 
-    def __init__(self, spec: StreamSpec, num_workers: int, state: TrainState, device: torch.device) -> None:
-        self.spec, self.num_workers, self.state, self.device = spec, num_workers, state, device
+    def __init__(
+        self, spec: StreamSpec, num_workers: int, position: StreamPosition, state: TrainState, device: torch.device
+    ) -> None:
+        self.spec, self.num_workers, self.position, self.state, self.device = spec, num_workers, position, state, device
         self.worker_signals = LoaderWorkerSignals()
         self.window_damage = [0, 0]  # unreadable samples, images short of the manifest, since the last log
         self.epochs_read: list[EpochRead] = []  # finished since the last log
@@ -62,15 +115,15 @@ class BatchStream:
         self._batches.close()
 
     def _stream(self) -> Iterator[dict]:
-        state, spec = self.state, self.spec
+        position, spec = self.position, self.spec
         while True:
-            loader = make_loader(spec, self.num_workers, state.epoch, state.batch_in_epoch, self.worker_signals)
-            first_batch, damage = state.batch_in_epoch, [0, 0]  # this epoch's, beside the window's
+            loader = make_loader(spec, self.num_workers, position.epoch, position.batch_in_epoch, self.worker_signals)
+            first_batch, damage = position.batch_in_epoch, [0, 0]  # this epoch's, beside the window's
             batches = iter(loader)
             try:
                 for batch in batches:
-                    state.batch_in_epoch += 1
-                    state.images_seen += spec.batch_size * spec.world_size
+                    position.batch_in_epoch += 1
+                    self.state.images_seen += spec.batch_size * spec.world_size
                     for counts in (self.window_damage, damage):
                         counts[0] += batch["errors"]
                         counts[1] += batch["short"]
@@ -83,5 +136,43 @@ class BatchStream:
                 shutdown = getattr(batches, "_shutdown_workers", None)  # none without worker processes
                 if shutdown is not None:
                     shutdown()
-            self.epochs_read.append(EpochRead(state.epoch, first_batch, state.batch_in_epoch, *damage))
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            self.epochs_read.append(EpochRead(position.epoch, first_batch, position.batch_in_epoch, *damage))
+            position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+
+
+class Streams:
+    """The family's named streams of this rank: `splits` maps a stream's name to the split it reads
+    (with `base`'s batch, size and seed); each keeps its own position in `state`."""
+
+    def __init__(
+        self, base: StreamSpec, splits: dict[str, str], num_workers: int, state: TrainState, device: torch.device
+    ) -> None:
+        self.specs = {name: dataclasses.replace(base, split=split) for name, split in splits.items()}
+        self.sizes = {name: checked_stream(spec, name).num_images for name, spec in self.specs.items()}
+        self._streams = {
+            name: BatchStream(spec, num_workers, state.position(name), state, device)
+            for name, spec in self.specs.items()
+        }
+
+    def next(self, name: str = DEFAULT_STREAM) -> dict:
+        """The next batch of stream `name`: images as floats in [-1, 1] on the device, attrs as +-1."""
+        return self._streams[name].next()
+
+    def take_window_damage(self) -> list[int]:
+        """Unreadable samples and images short of the manifest over all streams since the last call."""
+        damage = [0, 0]
+        for stream in self._streams.values():
+            damage = [total + count for total, count in zip(damage, stream.window_damage)]
+            stream.window_damage = [0, 0]
+        return damage
+
+    def take_epochs_read(self) -> list[tuple[str, EpochRead]]:
+        """The epochs each stream finished since the last call, by stream name."""
+        finished = [(name, read) for name, stream in self._streams.items() for read in stream.epochs_read]
+        for stream in self._streams.values():
+            stream.epochs_read = []
+        return finished
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
