@@ -6,7 +6,8 @@ Each family runs its shipped preset (configs/<family>_celeba64.yaml: widths, n_c
 optimizer) on the embedded synthetic faces at 64x64 in fp32, through the real entry point:
 `python -m gendist.train` for 1 process, `accelerate launch --config_file launch/cpu_2proc.yaml
 -m gendist.train` for 2. images/s counts real images consumed (n_critic batches per generator
-step), over all ranks, from metrics.jsonl, leaving out the first logging window (start-up).
+step; CycleGAN's batches of both domains), over all ranks, from metrics.jsonl, leaving out the
+first logging window (start-up).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PRESETS = {
     "cgan": "cgan_celeba64",
     "vae": "vae_celeba64",
     "pix2pix": "pix2pix_inpaint_celeba64",
+    "cyclegan": "cyclegan_eyeglasses_celeba64",
 }
 
 

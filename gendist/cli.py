@@ -1,13 +1,13 @@
-"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, compare and sweep."""
+"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, translate, compare and sweep."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import evaluate, sweep, train
+from gendist import evaluate, sweep, train, translate
 from gendist.config import parse_args_with_overrides
-from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, verify_shards, write_shards
+from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, verify_shards, write_domains, write_shards
 from gendist.data.sources import CelebASource, FolderSource, parse_carve
 from gendist.data.synthetic import SyntheticFacesSource
 
@@ -50,9 +50,23 @@ def _verify(shard_dir: str) -> int:
     return 0 if check.ok else 1
 
 
+def _domains(args: argparse.Namespace) -> int:
+    """Write the domain splits, then one line per source split with its counts."""
+    splits = [split.strip() for split in args.splits.split(",") if split.strip()] if args.splits else None
+    record = write_domains(args.shard_dir, args.attribute, splits, show_progress=True)
+    for split in splits or record["splits"]:
+        counts = record["splits"][split]
+        domains = ", ".join(f"{split}.{domain} {count}" for domain, count in counts["domains"].items())
+        print(f"{split}: {domains}, left out {counts['left_out']} of {counts['count']}")
+    print(f"wrote domains of {','.join(record['attributes'])} in {args.shard_dir} ({record['rule']})")
+    return 0
+
+
 def _shards(args: argparse.Namespace) -> int:
     if args.source == "verify":
         return _verify(args.shard_dir)
+    if args.source == "domains":
+        return _domains(args)
     carve = parse_carve(args.carve) if args.carve is not None else None
     if args.source == "celeba":
         source = CelebASource(args.src)
@@ -81,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("train", help="train in one process (use accelerate launch for more)")
     )
 
-    shards = commands.add_parser("shards", help="convert a dataset into WebDataset shards, or verify a shard set")
+    shards = commands.add_parser(
+        "shards", help="convert a dataset into WebDataset shards, verify a shard set, or split it into domains"
+    )
     sources = shards.add_subparsers(dest="source", required=True)
     celeba = sources.add_parser("celeba", help="official CelebA layout: img_align_celeba/ or .zip plus the two lists")
     celeba.add_argument(
@@ -99,12 +115,35 @@ def build_parser() -> argparse.ArgumentParser:
     _shard_options(synthetic, CELEBA_CROP_FRACTION)
     verify = sources.add_parser("verify", help="check every shard against manifest.json (sha256, size, missing, extra)")
     verify.add_argument("shard_dir", metavar="DIR", help="a folder written by `gendist shards`")
+    domains = sources.add_parser(
+        "domains", help="split each split of a shard set by an attribute into two domains (CycleGAN's A and B)"
+    )
+    domains.add_argument("shard_dir", metavar="DIR", help="a folder written by `gendist shards` (with attributes)")
+    domains.add_argument(
+        "--attribute",
+        required=True,
+        metavar="ATTR[,ATTR]",
+        help="Eyeglasses: A = not_Eyeglasses, B = Eyeglasses; Blond_Hair,Black_Hair: A = the first without the "
+        "second, B = the second without the first (both or neither: left out). Writes splits SPLIT.A and SPLIT.B; "
+        "running it again replaces them",
+    )
+    domains.add_argument(
+        "--splits",
+        metavar="SPLIT,...",
+        default=None,
+        help="source splits (default: every split with images that is not itself a domain)",
+    )
 
     evaluate.add_eval_arguments(
         commands.add_parser("eval", help="FID/KID (and VAE reconstruction error) of a run's checkpoint")
     )
     evaluate.add_stats_arguments(
         commands.add_parser("fid-stats", help="compute and cache the real FID statistics ahead")
+    )
+    translate.add_translate_arguments(
+        commands.add_parser(
+            "translate", help="apply a translation run (cyclegan) to a folder of images or a shard split"
+        )
     )
     sweep.add_sweep_arguments(
         commands.add_parser("sweep", help="a Ray Tune sweep scored by FID (local or on a Ray cluster)")
@@ -129,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate.run(evaluate.evaluate_run, args)
     if args.command == "fid-stats":
         return evaluate.run(evaluate.build_reference, args)
+    if args.command == "translate":
+        return translate.run(args)
     try:
         if args.command == "train":
             return train.run(args)

@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "dcgan"  # a family of gendist.families (gan, dcgan, cgan, wgan, wgan_gp, vae)
+    name: str = "dcgan"  # a family of gendist.families.DECLARATIONS (gan, dcgan, ..., pix2pix, cyclegan)
     image_size: int = 64
     z_dim: int = 100  # latent size (the VAE's too)
     ngf: int = 64  # generator/decoder width: 8*ngf channels at 4x4
@@ -73,7 +73,24 @@ class Pix2PixConfig:
     mask: Literal["centre", "rectangles", "strokes", "mixed"] = "mixed"
     l1_weight: float = 100.0
     patch_layers: int = 2  # 34 px receptive field: about half of a 64 px face
-    mask_seed: int = 1  # training masks: a function of (mask_seed, step, rank, sample)
+    # Training masks: a function of (mask_seed, step, global sample index), the index of sample i of
+    # rank r being r * data.batch_size + i (gendist.data.masks.train_keys)
+    mask_seed: int = 1
+    dropout: float = 0.5  # the U-Net decoder's dropout (the paper's 0.5, its only noise); 0 turns it off
+
+
+@dataclass
+class CycleGANConfig:
+    """CycleGAN between two attribute domains of the shards (`gendist shards domains`): domain D of
+    split S is the split "S.D"; A -> B is generator_ab, B -> A generator_ba (Zhu et al. 2017)."""
+
+    domains: tuple[str, str] = ("not_Eyeglasses", "Eyeglasses")  # A, B
+    cycle_weight: float = 10.0  # lambda
+    identity_weight: float = 0.5  # times lambda; 0 turns the identity loss off
+    pool_size: int = 50  # past fakes per discriminator, per rank; 0: no pool
+    blocks: int = 6  # residual blocks of each generator
+    patch_layers: int = 2  # PatchGAN depth: 34 px receptive field, about half of a 64 px face
+    decay_from: float = 0.5  # learning rates decay linearly to 0 from this fraction of train.steps on
 
 
 @dataclass
@@ -133,6 +150,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     vae: VaeConfig = field(default_factory=VaeConfig)
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
+    cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -140,6 +158,23 @@ class RunConfig:
     def get(self, dotted: str) -> Any:
         section, key = dotted.split(".")
         return getattr(getattr(self, section), key)
+
+    def _validate_cyclegan(self) -> None:
+        settings = self.cyclegan
+        if settings.domains[0] == settings.domains[1]:
+            raise ConfigError(f"cyclegan.domains must be two different domains, got {list(settings.domains)}")
+        for key in ("cyclegan.cycle_weight", "cyclegan.identity_weight"):
+            if not (math.isfinite(self.get(key)) and self.get(key) >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {self.get(key)}")
+        if settings.pool_size < 0 or settings.blocks < 0:
+            raise ConfigError("cyclegan.pool_size and cyclegan.blocks must be >= 0")
+        if not 0.0 <= settings.decay_from <= 1.0:
+            raise ConfigError(f"cyclegan.decay_from must be in [0, 1], got {settings.decay_from}")
+        if self.train.mixed_precision == "fp16":
+            raise ConfigError(
+                "cyclegan with fp16 is refused: one backward steps both generators' optimizers, which one "
+                "loss scaler cannot unscale and update per optimizer; use train.mixed_precision=bf16"
+            )
 
     def validate(self) -> None:
         size = self.model.image_size
@@ -191,6 +226,10 @@ class RunConfig:
             )
         if name == "pix2pix" and self.pix2pix.l1_weight < 0:
             raise ConfigError(f"pix2pix.l1_weight must be >= 0, got {self.pix2pix.l1_weight}")
+        if name == "pix2pix" and not 0.0 <= self.pix2pix.dropout < 1.0:
+            raise ConfigError(f"pix2pix.dropout must be in [0, 1), got {self.pix2pix.dropout}")
+        if name == "cyclegan":
+            self._validate_cyclegan()
         if name == "cgan" and not self.model.attributes:
             raise ConfigError("cgan needs attributes to condition on, e.g. model.attributes=[Male,Smiling,Eyeglasses]")
 

@@ -59,6 +59,27 @@ class EngineUpdate:
         self.engine.step()
 
 
+class JointUpdate:
+    """Several networks stepped from one backward (CycleGAN's generators, coupled by the cycle loss),
+    each by its own optimizer: zero_grad all, one backward (each DDP network all-reduces its own
+    gradients), step each. Adam per network equals one Adam over all their parameters."""
+
+    def __init__(self, accelerator: Accelerator, updates: list[Update]) -> None:
+        if not all(isinstance(update, AcceleratorUpdate) for update in updates):
+            raise ConfigError(
+                "a phase that steps several networks from one backward cannot run under DeepSpeed: each "
+                "engine owns the backward of its loss (engine.backward); use a DDP launch"
+            )
+        self.accelerator, self.updates = accelerator, updates
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        for update in self.updates:
+            update.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        for update in self.updates:
+            update.optimizer.step()
+
+
 @functools.cache
 def launch_settings() -> dict[str, Any] | None:
     """The DeepSpeed section of the launch config as a DeepSpeed config (values still "auto" where
@@ -100,6 +121,12 @@ def engine_config(settings: dict[str, Any], cfg: RunConfig, world_size: int) -> 
             "optimizer shards, so clipping the model's parameters would be undone at the next step; "
             "use wgan_gp, or the plain backend (launch/multi_gpu.yaml) for wgan"
         )
+    if cfg.model.name == "cyclegan":
+        raise ConfigError(
+            "cyclegan under DeepSpeed is refused: its two generators are coupled by the cycle loss and "
+            "step together from one backward, while each DeepSpeed engine owns the backward of its own "
+            "loss (engine.backward); train it with DDP (launch/multi_gpu.yaml, torchrun)"
+        )
     if cfg.train.mixed_precision == "fp16":
         raise ConfigError(
             "train.mixed_precision=fp16 under DeepSpeed is refused: DeepSpeed's fp16 mode keeps fp16 "
@@ -130,8 +157,10 @@ def engine_config(settings: dict[str, Any], cfg: RunConfig, world_size: int) -> 
             "steps_per_print": 2**62,
         }
     )
-    if config.get("gradient_clipping") == "auto":
-        config.pop("gradient_clipping")
+    if config.get("gradient_clipping", "auto") == "auto":
+        # Unset, DeepSpeed clips every engine's gradients to a global norm of 1.0, which the plain
+        # backend never does (Pix2Pix's U-Net alone has norms of ~5 from lambda x L1): off, as there.
+        config["gradient_clipping"] = 0.0
     if cfg.train.mixed_precision == "bf16":
         # Weights and optimizer state stay fp32 and forwards run under torch.autocast: the same
         # numerics as the plain backend's bf16 (and an fp32 gradient penalty and EMA).

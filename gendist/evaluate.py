@@ -1,6 +1,7 @@
 """Evaluation entry points, the same under every launcher:
 
     gendist eval RUN_DIR --num-samples 10000                  score a run's latest checkpoint
+                                                              (a translation family: its held-out domains)
     accelerate launch -m gendist.evaluate RUN_DIR             the same, spread over the ranks
     gendist fid-stats --config configs/dcgan_celeba64.yaml    build the real statistics ahead
 
@@ -14,13 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from accelerate import Accelerator
+
 from gendist import distributed, families
 from gendist.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from gendist.config import ConfigError, load_config, parse_args_with_overrides
+from gendist.config import ConfigError, RunConfig, load_config, parse_args_with_overrides
 from gendist.data.shards import read_manifest
-from gendist.eval.evaluator import SHOWN, Evaluator, append_row
+from gendist.eval.evaluator import Evaluator, append_row, shown_keys
 from gendist.eval.inception import InceptionWeightsError
-from gendist.families.base import FamilyInputs, sampling_from_checkpoint
+from gendist.families.base import FamilyInputs, Sampling, sampling_from_checkpoint
 from gendist.training.stream import resolve_shards
 
 
@@ -38,30 +41,42 @@ def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.num_real=50000")
 
 
+def find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
+    """`checkpoint` if given, else the run's latest; refused unless complete."""
+    found = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if found is None or not (found / "state.pt").is_file():
+        raise FileNotFoundError(
+            f"no complete checkpoint in {run_dir / 'checkpoints'}"
+            if found is None
+            else f"{found} is not a complete checkpoint (no state.pt)"
+        )
+    return found
+
+
+def load_sampling(
+    cfg: RunConfig, checkpoint: Path, accelerator: Accelerator, attribute_names: list[str]
+) -> tuple[Sampling, dict]:
+    """The family's sampling with the checkpoint's networks on this rank's device, and the train state."""
+    shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
+    family = families.declare(FamilyInputs(cfg, attribute_names))
+    return sampling_from_checkpoint(family, shared, accelerator.device), shared["train_state"]
+
+
 def evaluate_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     overrides = list(args.overrides) + ([f"eval.num_samples={args.num_samples}"] if args.num_samples else [])
     cfg = load_config(run_dir / "config.yaml", overrides)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir)
-    if checkpoint is None or not (checkpoint / "state.pt").is_file():
-        raise FileNotFoundError(
-            f"no complete checkpoint in {run_dir / 'checkpoints'}"
-            if checkpoint is None
-            else f"{checkpoint} is not a complete checkpoint (no state.pt)"
-        )
+    checkpoint = find_checkpoint(run_dir, args.checkpoint)
     accelerator = distributed.build_accelerator("no")
     shard_dir = resolve_shards(cfg, accelerator)
-    shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
-    family = families.declare(FamilyInputs(cfg, read_manifest(shard_dir)["attribute_names"]))
-    sampling = sampling_from_checkpoint(family, shared, accelerator.device)
-    state = shared["train_state"]
+    sampling, state = load_sampling(cfg, checkpoint, accelerator, read_manifest(shard_dir)["attribute_names"])
     row = Evaluator(cfg, accelerator, shard_dir).evaluate(
-        sampling.generate, state["step"], sampling.label, sampling.reconstruct, sampling.complete
+        sampling.generate, state["step"], sampling.label, sampling.reconstruct, sampling.complete, sampling.translate
     )
     row.update(images_seen=state["images_seen"], source="gendist eval", checkpoint=str(checkpoint))
     if accelerator.is_main_process:
         append_row(run_dir, row)
-        shown = "  ".join(f"{k} {row[k]:.5g}" for k in SHOWN if k in row)
+        shown = "  ".join(f"{k} {row[k]:.5g}" for k in shown_keys(row))
         print(f"{run_dir} step {row['step']}: {shown}\n  seconds: {row['seconds']}\n  protocol: {row['protocol']}")
     return 0
 

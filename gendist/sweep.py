@@ -81,10 +81,14 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     cfg = load_config(sweep.base, sweep.overrides)
     if cfg.eval.every < 1:
         raise ConfigError("trials are scored by FID: set eval.every in the base config or the sweep's overrides")
-    if cfg.model.name == "pix2pix":
+    scored_otherwise = {
+        "pix2pix": "its inpainting metrics (PSNR, SSIM, L1 in the hole)",
+        "cyclegan": "the FID of its translations and its cycle error",
+    }
+    if cfg.model.name in scored_otherwise:
         raise ConfigError(
-            "trials are scored by the FID of generated samples; pix2pix is scored by its inpainting "
-            "metrics (PSNR, SSIM, L1 in the hole), which sweeps do not rank by yet"
+            f"trials are scored by the FID of generated samples; {cfg.model.name} is scored by "
+            f"{scored_otherwise[cfg.model.name]}, which sweeps do not rank by yet"
         )
     if not sweep.space:
         raise ConfigError(f"{path}: 'space' is empty; give at least one config key to search")

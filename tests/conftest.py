@@ -15,7 +15,7 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from PIL import Image
 
-from gendist.data.shards import Preprocess, write_shards
+from gendist.data.shards import Preprocess, write_domains, write_shards
 from gendist.data.synthetic import SyntheticFacesSource
 
 ATTRS = [
@@ -137,7 +137,8 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
-    """256 synthetic faces at 32 px in uneven shards (100, 100, 31 train images)."""
+    """256 synthetic faces at 32 px in uneven shards (100, 100, 31 train images), with the Male and
+    not_Male domains of each split (gendist shards domains) for CycleGAN."""
     out = tmp_path_factory.mktemp("synthetic") / "shards"
     write_shards(
         SyntheticFacesSource(256),
@@ -148,6 +149,7 @@ def synthetic_shards(tmp_path_factory) -> Path:
         workers=2,
         show_progress=False,
     )
+    write_domains(out, "Male")
     return out
 
 

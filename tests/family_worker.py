@@ -19,6 +19,7 @@ families = {
     "cgan": ["model.name=cgan", "model.attributes=[Male,Smiling,Eyeglasses]"],
     "vae": ["model.name=vae", "vae.likelihood=gaussian_learned", "vae.kl_warmup_steps=2"],
     "pix2pix": ["model.name=pix2pix"],
+    "cyclegan": ["model.name=cyclegan", "cyclegan.domains=[not_Male,Male]", "cyclegan.blocks=2"],
 }
 rank = None
 for family, extra in families.items():

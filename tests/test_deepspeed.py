@@ -21,8 +21,9 @@ WORKER = str(REPO / "tests" / "family_worker.py")
 
 @pytest.mark.slow
 def test_zero2_families_train_identically_on_2_ranks_and_resume_exactly(tiny_overrides, tmp_path):
-    """bf16 (DeepSpeed's torch autocast) for four families in one ZeRO-2 launch; then DCGAN and VAE
-    resume from the step-2 checkpoint of that launch and must end bit-identical to it."""
+    """bf16 (DeepSpeed's torch autocast) for six families in one ZeRO-2 launch (Pix2Pix's U-Net forward
+    in the discriminator phase feeds the generator phase's backward); then DCGAN and VAE resume from
+    the step-2 checkpoint of that launch and must end bit-identical to it."""
     common = [
         *tiny_overrides,
         "train.steps=4",
@@ -32,8 +33,9 @@ def test_zero2_families_train_identically_on_2_ranks_and_resume_exactly(tiny_ove
     ]
     straight = tmp_path / "straight"
     straight.mkdir()
-    proc = launch("deepspeed", straight, common, [WORKER, str(straight), "gan,dcgan,wgan_gp,cgan,vae"])
-    assert_ranks_agree(straight, ["gan", "dcgan", "wgan_gp", "cgan", "vae"], proc, samples_at=4)
+    families = ["gan", "dcgan", "wgan_gp", "cgan", "vae", "pix2pix"]
+    proc = launch("deepspeed", straight, common, [WORKER, str(straight), ",".join(families)])
+    assert_ranks_agree(straight, families, proc, samples_at=4)
     checkpoint = list_checkpoints(straight / "dcgan")[-1]
     shards = sorted(p.name for p in (checkpoint / "deepspeed" / "discriminator").iterdir())
     assert shards == [
@@ -109,4 +111,7 @@ def test_engine_config_takes_batch_and_precision_from_the_run_config():
     )
     assert config["train_micro_batch_size_per_gpu"] == 16 and config["train_batch_size"] == 64
     assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in config
-    assert "gradient_clipping" not in config
+    assert config["gradient_clipping"] == 0.0  # DeepSpeed's own default would clip to norm 1.0
+    assert engine_config(ZERO2, load_config(None, []), world_size=2)["gradient_clipping"] == 0.0
+    kept = engine_config({**ZERO2, "gradient_clipping": 5.0}, load_config(None, []), world_size=2)
+    assert kept["gradient_clipping"] == 5.0  # a number the launch config sets is the user's

@@ -18,7 +18,7 @@ from gendist.data.shards import Preprocess, write_shards
 from gendist.data.synthetic import SyntheticFacesSource
 from gendist.distributed import build_accelerator
 from gendist.eval import inception as fid_inception
-from gendist.eval.evaluator import Evaluator, read_rows
+from gendist.eval.evaluator import Evaluator, quantised, read_rows, shown_keys
 from gendist.eval.inception import FidInception, InceptionWeightsError
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 from gendist.training.loop import train
@@ -288,3 +288,106 @@ def test_pix2pix_is_scored_against_telea_and_mean_fill_on_fixed_held_out_masks(t
         assert during[key] == after[key]  # the same images and masks, whatever the process
     assert during["psnr_model"] == pytest.approx(after["psnr_model"], rel=1e-6)
     assert during["psnr_telea"] > during["psnr_mean_fill"]  # Telea propagates the surroundings inward
+
+
+A, B = "not_Male", "Male"  # the domains of synthetic_shards (gendist shards domains ... --attribute Male)
+IDENTITY = {(A, B): lambda x: x, (B, A): lambda x: x}
+# not an identity either way, and not each other's inverse: negation there, darkening back
+CHANGED = {(A, B): lambda x: -x, (B, A): lambda x: x * 0.5 - 0.5}
+
+
+@pytest.fixture(scope="module")
+def translation_stats(tmp_path_factory) -> Path:
+    """One reference cache for the translation tests: the target domains' statistics are built once."""
+    return tmp_path_factory.mktemp("translation") / "stats"
+
+
+def translation_evaluator(shards: Path, stats: Path, *extra: str) -> Evaluator:
+    cfg = load_config(None, [*TINY, f"data.shards={shards}", *RANDOM_EVAL, f"eval.stats_dir={stats}", *extra])
+    return Evaluator(cfg, build_accelerator("no"), str(shards))
+
+
+def test_translation_is_scored_against_the_target_domain_next_to_the_untranslated_sources(
+    synthetic_shards, translation_stats
+):
+    evaluator = translation_evaluator(synthetic_shards, translation_stats)
+    same = evaluator.evaluate(None, 3, "identity", translate=IDENTITY)
+    held_out = {
+        domain: read_in_order(str(synthetic_shards), f"val.{domain}", 32, limit=16)[0] / 255 for domain in (A, B)
+    }
+    assert same["translation_images"] == {f"{A}_to_{B}": len(held_out[A]), f"{B}_to_{A}": len(held_out[B])}
+    assert same["translation_splits"] == {
+        f"{A}_to_{B}": {"source": f"val.{A}", "reference": f"train.{B}"},
+        f"{B}_to_{A}": {"source": f"val.{B}", "reference": f"train.{A}"},
+    }
+    assert "translation_skipped" not in same and "fid" not in same and same["step"] == 3
+    for src, dst in IDENTITY:
+        name = f"{src}_to_{dst}"
+        # a translator that changes nothing scores its baseline exactly, and comes back unchanged
+        for metric in ("fid", "kid", "kid_std"):
+            assert same[f"{metric}_{name}"] == same[f"{metric}_{name}_identity"], metric
+        assert same[f"fid_{name}"] > 0 and same[f"cycle_l1_{src}"] == 0
+    # the target domains' statistics only: eval.split's (train) is not built for a translation family
+    built = sorted(path.name.split("-")[1] for path in translation_stats.glob("*.npz"))
+    assert built == [f"train.{B}", f"train.{A}"]
+    protocol = same["protocol"]
+    assert protocol["reference_split"] == f"train.{B}+train.{A}" and protocol["reference_images"] == 48
+    assert protocol["generated"] == len(held_out[A]) + len(held_out[B]) and protocol["generator"] == "identity"
+    assert protocol["kid"]["subset_size"] == min(12, len(held_out[A]), len(held_out[B]))
+
+    changed = evaluator.evaluate(None, 3, "changed", translate=CHANGED)
+    for src, dst in CHANGED:
+        name = f"{src}_to_{dst}"
+        assert changed[f"fid_{name}_identity"] == same[f"fid_{name}_identity"]  # the same baseline
+        assert changed[f"fid_{name}"] > changed[f"fid_{name}_identity"]
+        x = torch.from_numpy(held_out[src]).permute(0, 3, 1, 2).float()
+        there = quantised(CHANGED[(src, dst)](x * 2 - 1))
+        back = quantised(CHANGED[(dst, src)](there * 2 - 1))
+        assert changed[f"cycle_l1_{src}"] == pytest.approx((back - x).abs().mean().item(), rel=1e-6)
+        assert changed[f"cycle_l1_{src}"] > 0.1
+    shown = [(f"fid_{src}_to_{dst}", f"fid_{src}_to_{dst}_identity", f"cycle_l1_{src}") for src, dst in CHANGED]
+    assert shown_keys(changed) == [key for keys in shown for key in keys]
+
+
+def test_translation_without_held_out_domains_says_why_in_the_row(synthetic_shards, translation_stats):
+    evaluator = translation_evaluator(synthetic_shards, translation_stats, "eval.recon_split=test")
+    row = evaluator.evaluate(None, 1, "identity", translate=IDENTITY)
+    assert set(row["translation_skipped"]) == {f"{A}_to_{B}", f"{B}_to_{A}"}
+    assert f"has no 'test.{A}' shards" in row["translation_skipped"][f"{A}_to_{B}"]
+    assert row["translation_images"] == {} and not shown_keys(row) and row["protocol"]["generated"] == 0
+    with pytest.raises(ValueError, match="no 'train.Smiling' split for the FID reference"):
+        evaluator.evaluate(None, 1, "identity", translate={(A, "Smiling"): lambda x: x})
+
+
+@pytest.mark.slow
+def test_cyclegan_eval_in_training_on_1_and_on_2_processes_agree(synthetic_shards, tmp_path, capsys):
+    run, stats = tmp_path / "run", f"eval.stats_dir={tmp_path / 'stats'}"
+    train(
+        load_config(
+            None,
+            [
+                *TINY,
+                f"data.shards={synthetic_shards}",
+                f"train.run_dir={run}",
+                *RANDOM_EVAL,
+                stats,
+                "model.name=cyclegan",
+                f"cyclegan.domains=[{A},{B}]",
+                "cyclegan.blocks=1",
+                "train.steps=2",
+                "eval.every=2",
+            ],
+        )
+    )
+    assert f"eval step 2: fid_{A}_to_{B} " in capsys.readouterr().out
+    assert cli_main(["eval", str(run), stats]) == 0
+    proc = launch("accelerate", tmp_path, [str(run), stats], ["-m", "gendist.evaluate"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    during, (one, two) = read_rows(run)[0], eval_rows_of(run)
+    assert during["source"] == "training" and during["protocol"] == one["protocol"] == two["protocol"]
+    scores = [key for key in one if key.startswith(("fid_", "kid_", "cycle_l1_"))]
+    assert len(scores) == 2 * 6 + 2
+    for key in scores:
+        assert during[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-9), key
+    assert 0 < one[f"cycle_l1_{A}"] < 1 and one[f"fid_{A}_to_{B}"] != one[f"fid_{A}_to_{B}_identity"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import REPO, assert_ranks_agree, launch
 from critic_step_worker import critic_for
+from family_step_worker import family as declared_family
 
 
 @pytest.mark.slow
@@ -41,6 +42,46 @@ def test_critic_step_is_the_same_on_2_ranks_and_on_1(launcher, family, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "launcher, family",
+    [
+        ("accelerate", "pix2pix"),
+        pytest.param("deepspeed", "pix2pix", id="deepspeed-zero2-pix2pix"),
+        ("accelerate", "cyclegan"),
+    ],
+)
+def test_a_full_step_is_the_same_on_2_ranks_and_on_1(launcher, family, tmp_path):
+    """One full step, the family's own phases, on 2 ranks x B equals 1 rank x 2B. CycleGAN: the two
+    generators stepped from one backward (up to three forwards each, both discriminators frozen),
+    then each discriminator on its own domain's batch, pools off; instance norm and the mean losses
+    are per-sample. Pix2Pix: the PatchGAN on real and completed pairs, then the U-Net with the
+    PatchGAN frozen and unsynced, its adversarial + L1 loss through the graph of
+    the first phase's forward), on 2 ranks x B (DDP, or one ZeRO-2 engine per network) equals 1 rank
+    x 2B: the masks follow the global sample index, instance norm and the mean losses are
+    per-sample, and dropout is off. Tolerance: 1e-7 absolute (measured: 4e-9). Adam's first step,
+    lr * g / (|g| + eps), hides a rescaled gradient almost wholly: DeepSpeed's default clipping to norm
+    1 (the U-Net's is ~5) moved it by only 7e-7, and the masks of the old per-rank keys by 4e-4."""
+    worker = str(REPO / "tests" / "family_step_worker.py")
+    single = subprocess.run(
+        [sys.executable, worker, str(tmp_path / "one.pt"), family], cwd=REPO, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = launch(launcher, tmp_path, [], [worker, str(tmp_path / "two.pt"), family])
+    assert (tmp_path / "two.pt").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    declared = declared_family(family)
+    assert one["phases"] == two["phases"] == [phase.name for phase in declared.phases]
+    initial = {network.name: network.module.state_dict() for network in declared.networks}
+    for network, weights in initial.items():
+        assert one[network].keys() == two[network].keys() == weights.keys()
+        for name, value in one[network].items():
+            torch.testing.assert_close(two[network][name], value, rtol=0, atol=1e-7, msg=f"{network}.{name}")
+        changed = [n for n in weights if not torch.equal(one[network][n], weights[n])]
+        assert len(changed) == len(weights), f"{network}: the step left {set(weights) - set(changed)} unchanged"
+
+
+@pytest.mark.slow
 def test_every_family_trains_on_2_processes_with_identical_weights(tiny_overrides, tmp_path):
     proc = launch(
         "accelerate",
@@ -48,7 +89,9 @@ def test_every_family_trains_on_2_processes_with_identical_weights(tiny_override
         [*tiny_overrides, "train.steps=3", "train.sample_every=3"],
         [str(REPO / "tests" / "family_worker.py"), str(tmp_path), "all"],
     )
-    assert_ranks_agree(tmp_path, ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix"], proc, samples_at=3)
+    assert_ranks_agree(
+        tmp_path, ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix", "cyclegan"], proc, samples_at=3
+    )
     clipped = torch.load(tmp_path / "wgan-rank0.pt", weights_only=True)["discriminator"]
     assert all(v.abs().max() <= 0.01 for k, v in clipped.items() if v.is_floating_point() and "running" not in k)
     assert (tmp_path / "vae" / "samples" / "recon_step_0000003.png").exists()

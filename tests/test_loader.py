@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import gendist.data.loader as loader_module
-from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, make_loader, read_in_order, split_shards
+from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, make_loader, read_in_order
 from gendist.data.shards import Preprocess, read_manifest, write_shards
 from gendist.data.sources import ImageSource, SplitPlan
 
@@ -294,7 +294,11 @@ def test_empty_split_and_too_large_a_batch_are_explained(index_sets, tmp_path):
     manifest = read_manifest(shards)
     manifest["splits"]["val"] = {"count": 0, "shards": [{"name": "val-00000.tar", "count": 0, "sha256": ""}]}
     (shards / "manifest.json").write_text(json.dumps(manifest))  # as writers listed a shard of only corrupt images
-    for reader in (split_shards, read_in_order, lambda *args: ShardStream(index_spec(shards, split="val"))):
+    for reader in (
+        loader_module._split_layout,
+        read_in_order,
+        lambda *args: ShardStream(index_spec(shards, split="val")),
+    ):
         with pytest.raises(ValueError, match=f"the 'val' split of {shards} holds no images"):
             reader(str(shards), "val", SIZE)
     with pytest.raises(

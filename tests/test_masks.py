@@ -164,7 +164,11 @@ def test_mixed_draws_each_kind_with_that_kinds_mask():
 
 
 def test_train_and_eval_key_conventions():
-    assert M.train_keys(5, 2, 3) == [(5, 2, 0), (5, 2, 1), (5, 2, 2)]
+    assert M.train_keys(5, 2, 3) == [(5, 6), (5, 7), (5, 8)]  # sample i of rank r: global sample r * 3 + i
+    assert M.train_keys(5, 0, 4) == M.train_keys(5, 0, 2) + M.train_keys(5, 1, 2)  # 1 x 2B == 2 x B
+    assert M.mask_batch("mixed", 16, 7, M.train_keys(3, 0, 6)).equal(
+        torch.cat([M.mask_batch("mixed", 16, 7, M.train_keys(3, r, 2)) for r in range(3)])
+    )
     assert M.eval_keys(np.array([4, 9])) == [(4,), (9,)]
     rank0 = M.mask_batch("strokes", 32, 0, M.train_keys(5, 0, 8))
     rank1 = M.mask_batch("strokes", 32, 0, M.train_keys(5, 1, 8))

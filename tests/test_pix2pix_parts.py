@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gendist.config import ConfigError, load_config
 from gendist.eval.inpainting import (
     PROTOCOL,
     from_uint8_hwc,
@@ -20,6 +21,8 @@ from gendist.eval.inpainting import (
     to_uint8_hwc,
     to_unit,
 )
+from gendist.families.base import FamilyInputs
+from gendist.families.pix2pix import declare
 from gendist.models.pix2pix import (
     PatchDiscriminator,
     UNetGenerator,
@@ -112,6 +115,22 @@ def test_unet_dropout_default_and_modes():
     enable_dropout(net)
     assert not torch.equal(net(x), net(x))  # the paper's test-time dropout
     assert not any(isinstance(m, nn.Dropout) for m in UNetGenerator(ngf=4, image_size=32, dropout=0).modules())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_the_family_generator_takes_pix2pix_dropout(dropout):
+    overrides = ["model.name=pix2pix", "model.image_size=32", "model.ngf=4", "model.ndf=4"]
+    cfg = load_config(None, [*overrides, f"pix2pix.dropout={dropout}"])
+    generator = declare(FamilyInputs(cfg, [])).networks[0].module
+    drops = [m.p for m in generator.modules() if isinstance(m, nn.Dropout)]
+    assert drops == ([dropout] * 3 if dropout else [])  # the paper's first three decoder layers at 32 px
+    assert load_config(None, overrides).pix2pix.dropout == 0.5  # the paper's
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, float("nan")])
+def test_pix2pix_dropout_outside_0_1_is_refused(dropout):
+    with pytest.raises(ConfigError, match=r"pix2pix.dropout must be in \[0, 1\)"):
+        load_config(None, ["model.name=pix2pix", f"pix2pix.dropout={dropout}"])
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer", "none"])

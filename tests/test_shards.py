@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_fake_celeba
+from conftest import ATTRS, make_fake_celeba
 from PIL import Image
 
 from gendist.cli import main as gendist_main
-from gendist.data.loader import split_shards
-from gendist.data.shards import Preprocess, file_sha256, read_manifest, verify_shards, write_shards
+from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, read_in_order
+from gendist.data.shards import Preprocess, file_sha256, read_manifest, verify_shards, write_domains, write_shards
 from gendist.data.sources import CelebASource, FolderSource, carve_splits, parse_attributes, parse_carve
 
 
@@ -206,7 +206,7 @@ def test_a_split_left_empty_by_corruption_is_named_and_refused_by_the_loader(tmp
     assert manifest["splits"]["train"]["count"] == 8 and manifest["splits"]["test"]["count"] == 2
     assert manifest["left_out"]["corrupt"] == 2
     with pytest.raises(ValueError, match="no 'val' shards; splits with data: train, test"):
-        split_shards(str(tmp_path / "out"), "val", 16)
+        ShardStream(StreamSpec(str(tmp_path / "out"), "val", batch_size=1, image_size=16))
 
 
 def test_manifest_records_streamed_sha256_and_size(tmp_path: Path):
@@ -524,3 +524,244 @@ def test_real_celeba_sample_with_a_carved_val_split(tmp_path: Path, capsys):
     _, rows = parse_attributes(SAMPLE / "list_attr_celeba.txt")
     for key in sorted(val)[:3]:
         np.testing.assert_array_equal(val[key][1], rows[key])
+
+
+EYEGLASSES, BLOND, BLACK = (ATTRS.index(name) for name in ("Eyeglasses", "Blond_Hair", "Black_Hair"))
+
+
+def domain_set(root: Path, *options: str) -> tuple[Path, list[str], dict]:
+    """36 fake CelebA images (train 24) as 4-image shards of 2-image blocks (or --encoding ...):
+    the shard folder, the train keys and the true attributes."""
+    truth = make_fake_celeba(root / "celeba", present=36, listed=36)
+    assert convert_celeba(root / "celeba", root / "out", *options) == 0
+    return root / "out", [n for n in truth["present"] if truth["split_of"][n] == 0], truth["attrs"]
+
+
+def domains(shard_dir: Path, *options: str) -> int:
+    return gendist_main(["shards", "domains", str(shard_dir), *options])
+
+
+def members(shard_dir: Path, split: str) -> dict[str, bytes]:
+    """Tar member name -> bytes over a split's shards."""
+    found = {}
+    for shard in read_manifest(shard_dir)["splits"][split]["shards"]:
+        with tarfile.open(shard_dir / shard["name"]) as tar:
+            found.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    return found
+
+
+@pytest.mark.parametrize("encoding", ["raw", "jpeg"])
+def test_domains_by_one_attribute_copy_the_images_and_count_them(tmp_path: Path, capsys, encoding: str):
+    out, train, attrs = domain_set(tmp_path, "--encoding", encoding)
+    before = read_manifest(out)
+    capsys.readouterr()
+    assert domains(out, "--attribute", "Eyeglasses", "--splits", "train") == 0
+    with_glasses = sorted(k for k in train if attrs[k][EYEGLASSES] > 0)
+    without = sorted(k for k in train if attrs[k][EYEGLASSES] < 0)
+    assert 0 < len(with_glasses) < len(train) == 24
+    assert f"train: train.not_Eyeglasses {len(without)}, train.Eyeglasses {len(with_glasses)}, left out 0 of 24" in (
+        capsys.readouterr().out
+    )
+    manifest = read_manifest(out)
+    record = manifest["domains"]["Eyeglasses"]
+    assert {k: v for k, v in record.items() if k != "created"} == {
+        "attributes": ["Eyeglasses"],
+        "domains": ["not_Eyeglasses", "Eyeglasses"],
+        "rule": "not_Eyeglasses: Eyeglasses = -1; Eyeglasses: Eyeglasses = +1",
+        "splits": {
+            "train": {
+                "count": 24,
+                "domains": {"not_Eyeglasses": len(without), "Eyeglasses": len(with_glasses)},
+                "left_out": 0,
+            }
+        },
+    }
+    for split, keys in (("train.Eyeglasses", with_glasses), ("train.not_Eyeglasses", without)):
+        entry = manifest["splits"][split]
+        assert entry["count"] == sum(s["count"] for s in entry["shards"]) == len(keys)
+        assert all(s["count"] <= 4 and s["name"].startswith(f"{split}-") for s in entry["shards"])
+        assert sorted(read_all(out, split)) == keys
+    assert {k: v for k, v in manifest["splits"].items() if "." not in k} == before["splits"]  # sources untouched
+    # the same images in the same order as in train, pixels and attributes unchanged
+    images, stored_attrs, _ = read_in_order(str(out), "train", 16)
+    has = stored_attrs[:, EYEGLASSES] > 0
+    for split, mask in (("train.Eyeglasses", has), ("train.not_Eyeglasses", ~has)):
+        domain_images, domain_attrs, errors = read_in_order(str(out), split, 16)
+        assert (
+            errors == 0
+            and np.array_equal(domain_images, images[mask])
+            and np.array_equal(domain_attrs, stored_attrs[mask])
+        )
+    if encoding == "jpeg":  # the encoded bytes themselves, member by member
+        source = members(out, "train")
+        copied = members(out, "train.Eyeglasses") | members(out, "train.not_Eyeglasses")
+        assert copied == source
+    assert gendist_main(["shards", "verify", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith("match manifest.json")
+    assert not list(out.glob("*.partial"))
+
+
+def test_domain_split_streams_equal_batches_to_two_ranks(tmp_path: Path):
+    out, train, attrs = domain_set(tmp_path)
+    assert domains(out, "--attribute", "Eyeglasses", "--splits", "train") == 0
+    count = read_manifest(out)["splits"]["train.Eyeglasses"]["count"]
+    streams = [
+        ShardStream(
+            StreamSpec(str(out), "train.Eyeglasses", batch_size=2, image_size=16, rank=r, world_size=2, shuffle_pool=4)
+        )
+        for r in range(2)
+    ]
+    batches = [list(stream) for stream in streams]
+    assert len(streams[0]) == len(streams[1]) == batches_per_epoch(count, 2, 2) > 0
+    assert [len(b) for b in batches] == [len(streams[0])] * 2
+    assert all(batch["images"].shape == (2, 3, 16, 16) for b in batches for batch in b)
+    assert all(bool((batch["attrs"][:, EYEGLASSES] > 0).all()) for b in batches for batch in b)
+    seen = [tuple(image.flatten().tolist()) for b in batches for batch in b for image in batch["images"]]
+    assert len(set(seen)) == len(seen) == 2 * 2 * len(streams[0])  # no image read twice across the ranks
+
+
+def test_domains_by_two_attributes_leave_out_both_and_neither(tmp_path: Path, capsys):
+    out, train, attrs = domain_set(tmp_path)
+    assert domains(out, "--attribute", "Blond_Hair,Black_Hair", "--splits", "train") == 0
+    blond = {k for k in train if attrs[k][BLOND] > 0 and attrs[k][BLACK] < 0}
+    black = {k for k in train if attrs[k][BLACK] > 0 and attrs[k][BLOND] < 0}
+    left_out = len(train) - len(blond) - len(black)
+    assert blond and black and left_out == sum(1 for k in train if (attrs[k][BLOND] > 0) == (attrs[k][BLACK] > 0))
+    manifest = read_manifest(out)
+    record = manifest["domains"]["Blond_Hair,Black_Hair"]
+    assert record["domains"] == ["Blond_Hair", "Black_Hair"]
+    assert record["rule"] == (
+        "Blond_Hair: Blond_Hair = +1 and Black_Hair = -1; Black_Hair: Black_Hair = +1 and Blond_Hair = -1; "
+        "both or neither: left out"
+    )
+    assert record["splits"]["train"] == {
+        "count": 24,
+        "domains": {"Blond_Hair": len(blond), "Black_Hair": len(black)},
+        "left_out": left_out,
+    }
+    a, b = read_all(out, "train.Blond_Hair"), read_all(out, "train.Black_Hair")
+    assert set(a) == blond and set(b) == black
+    assert len(a) + len(b) + left_out == manifest["splits"]["train"]["count"]
+    source = read_all(out, "train")
+    for key, (image, attr) in (a | b).items():
+        assert np.array_equal(image, source[key][0]) and np.array_equal(attr, attrs[key])
+
+
+def set_attribute(root: Path, name: str, value: int) -> None:
+    """Give every image of a fake CelebA the same value of one attribute."""
+    lines = (root / "list_attr_celeba.txt").read_bytes().decode().split("\r\n")
+    column = 1 + ATTRS.index(name)
+    rows = [line.split() for line in lines[2:] if line]
+    for row in rows:
+        row[column] = str(value)
+    (root / "list_attr_celeba.txt").write_bytes(
+        ("\r\n".join(lines[:2] + [" ".join(r) for r in rows]) + "\r\n").encode()
+    )
+
+
+def test_domains_are_refused_with_the_reason(tmp_path: Path, capsys):
+    make_fake_celeba(tmp_path / "celeba", present=36, listed=36)
+    set_attribute(tmp_path / "celeba", "Bald", -1)
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "out") == 0
+    out = tmp_path / "out"
+    assert domains(out, "--attribute", "Eyeglasses", "--splits", "train") == 0
+    snapshot = (out / "manifest.json").read_bytes(), sorted(p.name for p in out.iterdir())
+    cases = [
+        (
+            ["--attribute", "Eyeglases"],
+            "unknown attribute Eyeglases in .*; valid ones: 5_o_Clock_Shadow, Arched_Eyebrows, .*, Young$",
+        ),
+        (["--attribute", "Male,Eyeglases"], "unknown attribute Eyeglases"),
+        (["--attribute", "Male,Male"], "--attribute names Male twice"),
+        (["--attribute", "Male,Smiling,Young"], "--attribute expects one attribute or two separated by a comma"),
+        (
+            ["--attribute", "Bald", "--splits", "train"],
+            "domain Bald of split train in .* is empty: 0 of its 24 images \\(not_Bald 24, left out 0\\)",
+        ),
+        (
+            ["--attribute", "Male", "--splits", "holdout"],
+            "has no split 'holdout'; its splits: train, val, test, train.not_Eyeglasses",
+        ),
+        (
+            ["--attribute", "Male", "--splits", "train.Eyeglasses"],
+            "split train.Eyeglasses of .* is itself a domain \\(of Eyeglasses\\)",
+        ),
+        (
+            ["--attribute", "Eyeglasses,Male", "--splits", "train"],
+            "split train.Eyeglasses of .* already exists \\(the domains of Eyeglasses\\)",
+        ),
+    ]
+    for options, message in cases:
+        capsys.readouterr()
+        assert domains(out, *options) == 2, options
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("gendist: error: ") and re.search(message, err), err
+        assert ((out / "manifest.json").read_bytes(), sorted(p.name for p in out.iterdir())) == snapshot, options
+    make_image_folder(tmp_path / "pics", 4)
+    assert convert_folder(tmp_path / "pics", tmp_path / "plain") == 0
+    capsys.readouterr()
+    assert domains(tmp_path / "plain", "--attribute", "Male") == 2
+    assert "has no attributes (its source has none)" in capsys.readouterr().err
+
+
+def test_running_a_spec_again_replaces_its_domain_splits(tmp_path: Path, capsys):
+    out, train, attrs = domain_set(tmp_path)
+    write_domains(out, "Eyeglasses", ["train"], shard_size=1)  # one image per shard
+    first = read_manifest(out)
+    many = first["splits"]["train.Eyeglasses"]["shards"]
+    assert len(many) == first["splits"]["train.Eyeglasses"]["count"] > 4
+    assert domains(out, "--attribute", "Eyeglasses", "--splits", "train") == 0  # again, default shard size
+    again = read_manifest(out)
+    assert again["domains"]["Eyeglasses"]["splits"] == first["domains"]["Eyeglasses"]["splits"]
+    assert [s["count"] for s in again["splits"]["train.Eyeglasses"]["shards"]] == [4] * (len(many) // 4) + (
+        [len(many) % 4] if len(many) % 4 else []
+    )
+    assert sorted(read_all(out, "train.Eyeglasses")) == sorted(k for k in train if attrs[k][EYEGLASSES] > 0)
+    listed = {s["name"] for split in again["splits"].values() for s in split["shards"]}
+    assert {p.name for p in out.glob("*.tar")} == listed  # the one-image shards are gone
+    assert not list(out.glob("*.partial"))
+    capsys.readouterr()
+    assert gendist_main(["shards", "verify", str(out)]) == 0
+    assert (
+        capsys.readouterr().out.strip().splitlines()[-1] == f"ok: all {len(listed)} shards in {out} match manifest.json"
+    )
+
+
+@pytest.mark.parametrize("damage", ["cut", "flip"])
+def test_domains_of_a_damaged_split_are_refused_and_nothing_is_written(tmp_path: Path, capsys, damage: str):
+    """A flipped pixel byte reads fine, but the copies would get checksums of their own: refused."""
+    out, _, _ = domain_set(tmp_path)
+    shard = out / "train-00001.tar"
+    data = bytearray(shard.read_bytes())
+    if damage == "cut":
+        del data[1500:]
+    else:
+        data[1024] ^= 0xFF  # inside the first block's images.npy
+    shard.write_bytes(bytes(data))
+    snapshot = (out / "manifest.json").read_bytes(), sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    assert domains(out, "--attribute", "Eyeglasses", "--splits", "train") == 2
+    err = capsys.readouterr().err
+    assert "gendist: error: 1 shard(s) of train do not match manifest.json (changed: train-00001.tar: " in err
+    assert f"see `gendist shards verify {out}`" in err and "Traceback" not in err
+    assert ((out / "manifest.json").read_bytes(), sorted(p.name for p in out.iterdir())) == snapshot
+
+
+def test_domains_default_to_every_source_split_and_merge_reruns(tmp_path: Path, capsys):
+    out, _, attrs = domain_set(tmp_path)
+    assert domains(out, "--attribute", "Eyeglasses", "--splits", "train") == 0
+    assert domains(out, "--attribute", "Male") == 0  # train, val and test; not the Eyeglasses domains
+    manifest = read_manifest(out)
+    record = manifest["domains"]["Male"]
+    assert list(record["splits"]) == ["train", "val", "test"]
+    for split in ("train", "val", "test"):
+        keys = sorted(read_all(out, split))
+        males = sorted(k for k in keys if attrs[k][ATTRS.index("Male")] > 0)
+        assert record["splits"][split]["domains"] == {"not_Male": len(keys) - len(males), "Male": len(males)}
+        assert sorted(read_all(out, f"{split}.Male")) == males
+    assert not any(
+        name.startswith("train.Eyeglasses.") or name.startswith("train.not_Eyeglasses.") for name in manifest["splits"]
+    )
+    assert domains(out, "--attribute", "Male", "--splits", "val") == 0  # the other source splits' records stay
+    assert read_manifest(out)["domains"]["Male"]["splits"] == record["splits"]
+    assert verify_shards(out).ok

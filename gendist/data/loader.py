@@ -34,7 +34,8 @@ from webdataset.tariterators import base_plus_ext
 from gendist.data.shards import read_manifest
 
 Block = tuple[np.ndarray, np.ndarray]  # images (n,H,W,3) uint8, attrs (n,A) int8
-_FIELDS = {"images.npy", "attrs.npy", "jpg", "png"}  # what decode_sample reads; other members are seeked over
+# what decode_sample reads; other members are seeked over
+_FIELDS = frozenset({"images.npy", "attrs.npy", "jpg", "png"})
 
 
 def batches_per_epoch(num_images: int, world_size: int, batch_size: int) -> int:
@@ -81,12 +82,6 @@ def _split_layout(shard_dir: str, split: str, image_size: int) -> tuple[dict, li
     return manifest, [_Shard(str(Path(shard_dir) / s["name"]), s["count"]) for s in splits[split]["shards"]]
 
 
-def split_shards(shard_dir: str, split: str, image_size: int) -> tuple[list[str], int, list[str]]:
-    """Shard paths, image count and attribute names of a split, checked against the model's size."""
-    manifest, shards = _split_layout(shard_dir, split, image_size)
-    return [s.path for s in shards], sum(s.count for s in shards), manifest["attribute_names"]
-
-
 class _Counters:
     """Damage seen so far: unreadable samples, shards and tar headers (errors), and images a read
     did not deliver (short)."""
@@ -114,9 +109,12 @@ class _ScanningTarFile(tarfile.TarFile):
                 self.offset += tarfile.BLOCKSIZE
 
 
-def _tar_samples(path: str, first: int, stop: int, counters: _Counters) -> Iterator[tuple[int, dict]]:
+def _tar_samples(
+    path: str, first: int, stop: int, counters: _Counters, fields: frozenset[str] = _FIELDS
+) -> Iterator[tuple[int, dict]]:
     """(index, sample) for samples first..stop-1 of a tar, numbered by webdataset's grouping of
-    consecutive members by key. Earlier samples cost a header read each; their data is seeked over."""
+    consecutive members by key, with the bytes of `fields`. Earlier samples cost a header read
+    each; their data is seeked over."""
     try:
         tar = _ScanningTarFile.open(path, "r:", ignore_zeros=True)
     except (tarfile.TarError, OSError):
@@ -135,7 +133,7 @@ def _tar_samples(path: str, first: int, stop: int, counters: _Counters) -> Itera
                 if index >= stop:
                     return
             field = field.lower()
-            if index >= first and field in _FIELDS:
+            if index >= first and field in fields:
                 tar.fileobj.seek(member.offset_data)
                 data = tar.fileobj.read(member.size)
                 if len(data) == member.size:  # else left out: the sample fails to decode and counts
@@ -322,6 +320,23 @@ def read_in_order(shard_dir: str, split: str, image_size: int, limit: int = 0) -
         raise RuntimeError(f"no readable image in the '{split}' shards of {shard_dir} ({counters.errors} errors)")
     images, attrs = (np.concatenate(parts) for parts in zip(*blocks))
     return images, attrs, counters.errors
+
+
+def read_samples(shard_dir: str, split: str) -> Iterator[dict]:
+    """Every sample of a split in manifest order, undecoded: its key and the bytes of its images,
+    attributes and (raw blocks) keys.txt; what `gendist shards domains` copies. A shard with a
+    damaged tar header or an unreadable tar raises ValueError: a copy must be whole."""
+    manifest = read_manifest(shard_dir)
+    _, shards = _split_layout(shard_dir, split, manifest["preprocessing"]["size"])
+    for shard in shards:
+        counters = _Counters()
+        for _, sample in _tar_samples(shard.path, 0, sys.maxsize, counters, _FIELDS | {"keys.txt"}):
+            yield sample
+        if counters.errors:
+            raise ValueError(
+                f"{shard.path}: {counters.errors} damaged tar header(s) or an unreadable tar; "
+                f"check the shard set with `gendist shards verify {shard_dir}`"
+            )
 
 
 def make_loader(

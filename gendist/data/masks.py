@@ -31,8 +31,10 @@ only integer hashing and IEEE +, -, *, / on floats, with sin and cos as fixed po
 are the same whatever the SIMD path or libm). Keys of different lengths never collide (the length is
 hashed). The conventions:
 
-- training: ``train_keys(step, rank, count)`` = [(step, rank, i) for i < count], so a resumed run draws
-  the masks the interrupted one drew, and ranks draw different masks;
+- training: ``train_keys(step, rank, count)`` = [(step, rank * count + i) for i < count]: sample i of
+  rank r is global sample r * count + i, the place it holds in the global batch of the step split in
+  rank order, so 1 rank x 2B and 2 ranks x B draw the same masks for the same samples, ranks draw
+  different masks, and a resumed run draws the masks the interrupted one drew;
 - evaluation: ``eval_keys(indices)`` = [(index,) ...] for held-out image indices, so each image gets the
   same mask whatever the batch split or the number of ranks. Use a different seed for the two.
 
@@ -331,9 +333,13 @@ def masks(kind: str, count: int, size: int, seed: int | torch.Generator) -> torc
     return mask_batch(kind, size, seed, eval_keys(range(operator.index(count))))
 
 
-def train_keys(step: int, rank: int, count: int) -> list[tuple[int, int, int]]:
-    """Keys of a training batch: (step, rank, i) for i < count - reproducible on resume, distinct per rank."""
-    return [(step, rank, i) for i in range(count)]
+def train_keys(step: int, rank: int, count: int) -> list[tuple[int, int]]:
+    """Keys of rank `rank`'s training batch of `count` samples (the same count on every rank): (step,
+    rank * count + i) for i < count. Sample i of rank r is global sample r * count + i, as a global
+    batch of N x count samples split in rank order places it, so the masks of a step do not depend on
+    how its global batch is split (1 rank x 2B draws those of 2 ranks x B); reproducible on resume."""
+    step, rank, count = (operator.index(v) for v in (step, rank, count))
+    return [(step, rank * count + i) for i in range(count)]
 
 
 def eval_keys(indices: Iterable[int]) -> list[tuple[int]]:

@@ -4,6 +4,13 @@ On-disk encoding (measured, see BENCHMARKS.md): `raw` stores blocks of preproces
 as one .npy per sample, so reading costs a memcpy instead of a JPEG decode and the per-sample
 Python overhead is paid once per block. `jpeg`/`png` store one image per sample, the layout any
 WebDataset user can read, at a fraction of the size.
+
+Domains (CycleGAN's unpaired A and B): `gendist shards domains DIR --attribute Eyeglasses` splits
+each split S of a shard set into `S.not_Eyeglasses` and `S.Eyeglasses`; `--attribute X,Y` into
+`S.X` (X, not Y) and `S.Y` (Y, not X), leaving out images with both or neither. The new splits are
+shards like any other (the same sample layout and writer, image bytes copied, not re-encoded),
+listed in the manifest with their counts; its "domains" records the rule and the counts per source
+split. Running the same attribute again replaces those domain splits.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -100,6 +107,38 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.tar"
+
+
+def _raw_samples(prefix: str, images, attributes, keys: list[str], per_sample: int) -> Iterator[dict]:
+    """Samples of the raw layout: blocks of `per_sample` images from the start of a shard (the last
+    one shorter), as the loader numbers them. `images` and `attributes` are arrays or lists of rows.
+    A key holds no dot: webdataset groups a sample's members by the name up to the first one."""
+    prefix = prefix.replace(".", "_")
+    for start in range(0, len(keys), per_sample):
+        block = slice(start, start + per_sample)
+        yield {
+            "__key__": f"{prefix}-{start:06d}",
+            "images.npy": _npy_bytes(np.stack(images[block])),
+            "attrs.npy": _npy_bytes(np.stack(attributes[block]).reshape(len(keys[block]), -1)),
+            "keys.txt": "\n".join(keys[block]).encode(),
+        }
+
+
+def _image_sample(stem: str, extension: str, data: bytes, attrs_npy: bytes) -> dict:
+    """A sample of the jpeg/png layout: one encoded image and its (1, A) attributes."""
+    return {"__key__": stem, extension: data, "attrs.npy": attrs_npy}
+
+
+def _write_tar(path: Path, samples: Iterable[dict]) -> dict:
+    """Write `samples` to the tar `path` (the caller renames it into place); its sha256 and size."""
+    with wds.TarWriter(str(path), encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+
+
 def _write_shard(task: ShardTask) -> dict:
     """Runs in a worker: read, preprocess and write one shard atomically; report what was skipped.
 
@@ -108,7 +147,7 @@ def _write_shard(task: ShardTask) -> dict:
     """
     source, preprocess = _worker["source"], _worker["preprocess"]
     encoding, per_sample = _worker["encoding"], _worker["per_sample"]
-    name = f"{task.split}-{task.index:05d}.tar"
+    name = _shard_name(task.split, task.index)
     final = _worker["out_dir"] / name
     partial = final.with_suffix(".tar.partial")
     images, attributes, keys, corrupt = [], [], [], []
@@ -123,24 +162,18 @@ def _write_shard(task: ShardTask) -> dict:
     result = {"split": task.split, "name": name, "count": len(keys), "corrupt": corrupt}
     if not keys:
         return result
-    with wds.TarWriter(str(partial), encoder=False) as sink:
-        if encoding == "raw":
-            for start in range(0, len(images), per_sample):
-                block = slice(start, start + per_sample)
-                sink.write(
-                    {
-                        "__key__": f"{task.split}-{task.index:05d}-{start:06d}",
-                        "images.npy": _npy_bytes(np.stack(images[block])),
-                        "attrs.npy": _npy_bytes(np.stack(attributes[block]).reshape(len(keys[block]), -1)),
-                        "keys.txt": "\n".join(keys[block]).encode(),
-                    }
-                )
-        else:
-            for key, image, attrs in zip(keys, images, attributes):
-                extension, data = _encoded(image, encoding)
-                stem = key.rsplit(".", 1)[0].replace(".", "_").replace("/", "_")
-                sink.write({"__key__": stem, extension: data, "attrs.npy": _npy_bytes(attrs.reshape(1, -1))})
-    result.update(sha256=file_sha256(partial), bytes=partial.stat().st_size)
+    if encoding == "raw":
+        samples = _raw_samples(name.removesuffix(".tar"), images, attributes, keys, per_sample)
+    else:
+        samples = (
+            _image_sample(
+                key.rsplit(".", 1)[0].replace(".", "_").replace("/", "_"),
+                *_encoded(image, encoding),
+                _npy_bytes(attrs.reshape(1, -1)),
+            )
+            for key, image, attrs in zip(keys, images, attributes)
+        )
+    result.update(_write_tar(partial, samples))
     os.replace(partial, final)
     return result
 
@@ -231,6 +264,7 @@ def write_shards(
         "attribute_names": plan.attribute_names,
         "splits": splits,
         "carved": carved,
+        "domains": {},  # filled by write_domains
         "left_out": {**plan.left_out, "corrupt": len(corrupt)},
         "corrupt_examples": corrupt[:20],
         "seed": seed,
@@ -305,6 +339,22 @@ class ShardCheck:
         return f"DAMAGED: {self.shard_dir}: {found} ({self.listed} shards listed in {MANIFEST})"
 
 
+def _shard_problem(shard_dir: Path, entry: dict) -> ShardProblem | None:
+    """How one shard differs from its manifest entry (size where recorded, then sha256), if it does."""
+    path = shard_dir / entry["name"]
+    if not path.is_file():
+        return ShardProblem("missing", entry["name"], f"listed with {entry['count']} images, not found")
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:  # manifests written before sizes lack "bytes"
+        return ShardProblem("changed", entry["name"], f"{size} bytes, {MANIFEST} says {entry['bytes']}")
+    digest = file_sha256(path)
+    if digest != entry["sha256"]:
+        return ShardProblem(
+            "changed", entry["name"], f"sha256 {digest[:16]}..., {MANIFEST} says {entry['sha256'][:16]}..."
+        )
+    return None
+
+
 def verify_shards(shard_dir: str | Path, show_progress: bool = False) -> ShardCheck:
     """Compare every shard with its manifest entry (size where recorded, then sha256) and look for
     .tar files the manifest does not list. The progress bar goes to stderr, so stdout keeps only
@@ -321,25 +371,8 @@ def verify_shards(shard_dir: str | Path, show_progress: bool = False) -> ShardCh
     )
     with Progress(*columns, console=Console(stderr=True), disable=not show_progress) as progress:
         for entry in progress.track(listed, description=str(shard_dir)):
-            path = shard_dir / entry["name"]
-            if not path.is_file():
-                problems.append(
-                    ShardProblem("missing", entry["name"], f"listed with {entry['count']} images, not found")
-                )
-                continue
-            size = path.stat().st_size
-            if "bytes" in entry and size != entry["bytes"]:  # manifests written before sizes lack "bytes"
-                problems.append(
-                    ShardProblem("changed", entry["name"], f"{size} bytes, {MANIFEST} says {entry['bytes']}")
-                )
-                continue
-            digest = file_sha256(path)
-            if digest != entry["sha256"]:
-                problems.append(
-                    ShardProblem(
-                        "changed", entry["name"], f"sha256 {digest[:16]}..., {MANIFEST} says {entry['sha256'][:16]}..."
-                    )
-                )
+            if problem := _shard_problem(shard_dir, entry):
+                problems.append(problem)
     names = {entry["name"] for entry in listed}
     problems += [
         ShardProblem("extra", path.name, f"not listed in {MANIFEST}")
@@ -347,3 +380,255 @@ def verify_shards(shard_dir: str | Path, show_progress: bool = False) -> ShardCh
         if path.name not in names
     ]
     return ShardCheck(shard_dir, len(listed), problems)
+
+
+def domain_names(attributes: Sequence[str]) -> tuple[str, str]:
+    """Domains A and B of an attribute spec: (not_X, X) for one attribute, (X, Y) for two."""
+    return (f"not_{attributes[0]}", attributes[0]) if len(attributes) == 1 else (attributes[0], attributes[1])
+
+
+def _domain_attributes(attribute: str | Sequence[str], attribute_names: list[str], shard_dir: Path) -> list[str]:
+    names = [name.strip() for name in attribute.split(",")] if isinstance(attribute, str) else list(attribute)
+    if not 1 <= len(names) <= 2 or not all(names):
+        raise ValueError(f"--attribute expects one attribute or two separated by a comma, got {attribute!r}")
+    if len(names) == 2 and names[0] == names[1]:
+        raise ValueError(f"--attribute names {names[0]} twice: two domains need two different attributes")
+    if not attribute_names:
+        raise ValueError(f"{shard_dir} has no attributes (its source has none): domains need one")
+    unknown = [name for name in names if name not in attribute_names]
+    if unknown:
+        raise ValueError(
+            f"unknown attribute {', '.join(unknown)} in {shard_dir}; valid ones: {', '.join(attribute_names)}"
+        )
+    return names
+
+
+def _domain_rule(attributes: list[str]) -> str:
+    a, b = domain_names(attributes)
+    if len(attributes) == 1:
+        return f"{a}: {attributes[0]} = -1; {b}: {attributes[0]} = +1"
+    x, y = attributes
+    return f"{a}: {x} = +1 and {y} = -1; {b}: {y} = +1 and {x} = -1; both or neither: left out"
+
+
+def _domain_owners(manifest: dict) -> dict[str, str]:
+    """Domain split name -> the attribute spec that made it."""
+    return {
+        f"{split}.{domain}": spec
+        for spec, record in manifest.get("domains", {}).items()
+        for split in record["splits"]
+        for domain in record["domains"]
+    }
+
+
+def _domain_sources(manifest: dict, shard_dir: Path, attributes: list[str], splits: Sequence[str] | None) -> list[str]:
+    """The source splits to take domains from, checked: real splits with images whose domain
+    split names are free or this spec's own."""
+    spec, owners = ",".join(attributes), _domain_owners(manifest)
+    if splits is None:
+        splits = [name for name, split in manifest["splits"].items() if split["count"] and name not in owners]
+        if not splits:
+            raise ValueError(f"{shard_dir} has no split with images to take domains from")
+    splits = list(dict.fromkeys(splits))
+    for split in splits:
+        if split in owners:
+            raise ValueError(
+                f"split {split} of {shard_dir} is itself a domain (of {owners[split]}): name a source split"
+            )
+        if split not in manifest["splits"]:
+            raise ValueError(f"{shard_dir} has no split {split!r}; its splits: {', '.join(manifest['splits'])}")
+        if not manifest["splits"][split]["count"]:
+            raise ValueError(f"split {split} of {shard_dir} holds no images")
+        for domain in domain_names(attributes):
+            name = f"{split}.{domain}"
+            if name in manifest["splits"] and owners.get(name) != spec:
+                made_by = f"the domains of {owners[name]}" if name in owners else "the conversion"
+                raise ValueError(f"split {name} of {shard_dir} already exists ({made_by}); {spec} would overwrite it")
+    return splits
+
+
+class _DomainShards:
+    """One domain split being written: buffers its samples and cuts them into shards of
+    `shard_size` images with the converter's writer, as .tar.partial files until committed."""
+
+    def __init__(self, out_dir: Path, split: str, raw: bool, per_sample: int, shard_size: int) -> None:
+        self.out_dir, self.split, self.raw = out_dir, split, raw
+        self.per_sample, self.shard_size = per_sample, shard_size
+        self.pending: list = []  # raw: (images, attrs, keys) blocks; else whole samples
+        self.held = 0
+        self.shards: list[dict] = []  # manifest entries
+        self.partials: list[Path] = []
+
+    @property
+    def count(self) -> int:
+        return sum(shard["count"] for shard in self.shards) + self.held
+
+    def add_block(self, images: np.ndarray, attrs: np.ndarray, keys: list[str]) -> None:
+        self.pending.append((images, attrs, keys))
+        self.held += len(keys)
+        while self.held >= self.shard_size:
+            self._flush()
+
+    def add_sample(self, sample: dict) -> None:
+        self.pending.append(sample)
+        self.held += 1
+        if self.held >= self.shard_size:
+            self._flush()
+
+    def close(self) -> None:
+        if self.held:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = _shard_name(self.split, len(self.shards))
+        partial = self.out_dir / (name + ".partial")
+        self.partials.append(partial)
+        count = min(self.shard_size, self.held)
+        if self.raw:
+            images, attrs = (np.concatenate([block[i] for block in self.pending]) for i in (0, 1))
+            keys = [key for block in self.pending for key in block[2]]
+            samples = _raw_samples(
+                name.removesuffix(".tar"), images[:count], attrs[:count], keys[:count], self.per_sample
+            )
+            entry = _write_tar(partial, samples)
+            self.pending = [(images[count:], attrs[count:], keys[count:])] if len(keys) > count else []
+        else:
+            entry = _write_tar(partial, self.pending[:count])
+            self.pending = self.pending[count:]
+        self.held -= count
+        self.shards.append({"name": name, "count": count, **entry})
+
+
+def _stored_sample(sample: dict, raw: bool) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """A stored sample's attributes (n, A) and, for a raw block, its images (n, H, W, 3) and keys."""
+    if raw:
+        images = np.load(io.BytesIO(sample["images.npy"]), allow_pickle=False)
+        keys = sample["keys.txt"].decode().split("\n")
+        if len(keys) != len(images):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+    elif "jpg" not in sample and "png" not in sample:
+        raise ValueError("no jpg or png member")
+    else:
+        images = keys = None
+    attrs = np.load(io.BytesIO(sample["attrs.npy"]), allow_pickle=False)
+    return attrs.reshape(1 if images is None else len(images), -1), images, keys
+
+
+def write_domains(
+    shard_dir: str | Path,
+    attribute: str | Sequence[str],
+    splits: Sequence[str] | None = None,
+    shard_size: int | None = None,
+    show_progress: bool = False,
+) -> dict:
+    """Split splits of a shard set by an attribute into two domains (CycleGAN's unpaired A and B).
+
+    One attribute X: A = `not_X` (X = -1), B = `X` (X = +1). Two, X,Y: A = `X` (X and not Y),
+    B = `Y` (Y and not X); images with both or neither are left out and counted. Each source
+    split S (default: every split with images that is not itself a domain) gains splits `S.A` and
+    `S.B` in `shard_dir`: S's samples in their stored order, encoded bytes and attributes copied
+    (raw blocks re-cut, their pixels unchanged), in shards of `shard_size` images (default: S's
+    largest). The manifest lists them under "splits" and the spec under "domains", and is
+    replaced atomically once every shard is in place. Running a spec again replaces its domain
+    splits of those source splits (and deletes their old shards); a split name that another spec
+    or the conversion already uses is refused, and so is a domain left empty. Returns the spec's
+    "domains" record.
+    """
+    from gendist.data.loader import read_samples  # the loader imports this module
+
+    shard_dir = Path(shard_dir)
+    manifest = read_manifest(shard_dir)
+    attributes = _domain_attributes(attribute, manifest["attribute_names"], shard_dir)
+    spec, rule = ",".join(attributes), _domain_rule(attributes)
+    splits = _domain_sources(manifest, shard_dir, attributes, splits)
+    indices = [manifest["attribute_names"].index(name) for name in attributes]
+    domain_a, domain_b = domain_names(attributes)
+    raw, per_sample = manifest["encoding"] == "raw", manifest["images_per_sample"]
+    # The copies get checksums of their own: a source shard damaged now would pass verify for ever after.
+    damaged = [
+        p for split in splits for e in manifest["splits"][split]["shards"] if (p := _shard_problem(shard_dir, e))
+    ]
+    if damaged:
+        raise ValueError(
+            f"{len(damaged)} shard(s) of {', '.join(splits)} do not match {MANIFEST} ({damaged[0]}); "
+            f"see `gendist shards verify {shard_dir}`"
+        )
+
+    writers: list[_DomainShards] = []
+    counted = {}
+    bar_columns = (TextColumn("[bold]domains[/] {task.description}"), BarColumn(), MofNCompleteColumn())
+    try:
+        with Progress(*bar_columns, console=Console(stderr=True), disable=not show_progress) as progress:
+            for split in splits:
+                source = manifest["splits"][split]
+                size = shard_size or max(shard["count"] for shard in source["shards"])
+                pair = [_DomainShards(shard_dir, f"{split}.{d}", raw, per_sample, size) for d in (domain_a, domain_b)]
+                writers += pair
+                bar = progress.add_task(f"{split} by {spec}", total=source["count"])
+                seen = 0
+                for sample in read_samples(str(shard_dir), split):
+                    try:
+                        attrs, images, keys = _stored_sample(sample, raw)
+                    except (KeyError, ValueError, OSError, EOFError) as err:
+                        raise ValueError(
+                            f"sample {sample.get('__key__')} of split {split} in {shard_dir} is damaged ({err}); "
+                            f"check the shard set with `gendist shards verify {shard_dir}`"
+                        ) from err
+                    has = attrs[:, indices] > 0
+                    masks = (
+                        (~has[:, 0], has[:, 0])
+                        if len(indices) == 1
+                        else (has[:, 0] & ~has[:, 1], has[:, 1] & ~has[:, 0])
+                    )
+                    for writer, mask in zip(pair, masks):
+                        if mask.any():
+                            if raw:
+                                writer.add_block(images[mask], attrs[mask], [k for k, m in zip(keys, mask) if m])
+                            else:
+                                writer.add_sample(sample)
+                    seen += len(attrs)
+                    progress.advance(bar, len(attrs))
+                for writer in pair:
+                    writer.close()
+                if seen != source["count"]:
+                    raise ValueError(
+                        f"split {split} of {shard_dir} yielded {seen} images, its manifest lists {source['count']}; "
+                        f"check the shard set with `gendist shards verify {shard_dir}`"
+                    )
+                counts = {domain_a: pair[0].count, domain_b: pair[1].count}
+                for domain, other in ((domain_a, domain_b), (domain_b, domain_a)):
+                    if not counts[domain]:
+                        raise ValueError(
+                            f"domain {domain} of split {split} in {shard_dir} is empty: 0 of its {seen} images "
+                            f"({other} {counts[other]}, left out {seen - counts[other]})"
+                        )
+                counted[split] = {"count": seen, "domains": counts, "left_out": seen - sum(counts.values())}
+    except BaseException:
+        for writer in writers:
+            for partial in writer.partials:
+                partial.unlink(missing_ok=True)
+        raise
+
+    # Commit: the shards into place, then the manifest (atomically), then the old shards it no longer lists.
+    replaced = {
+        shard["name"] for writer in writers for shard in manifest["splits"].get(writer.split, {}).get("shards", [])
+    }
+    for writer in writers:
+        for partial in writer.partials:
+            os.replace(partial, partial.with_suffix(""))
+        manifest["splits"][writer.split] = {"count": writer.count, "shards": writer.shards}
+    earlier = manifest.setdefault("domains", {}).get(spec, {}).get("splits", {})
+    manifest["domains"][spec] = {
+        "attributes": attributes,
+        "domains": [domain_a, domain_b],
+        "rule": rule,
+        "splits": {**earlier, **counted},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    partial = shard_dir / (MANIFEST + ".partial")
+    partial.write_text(json.dumps(manifest, indent=1))
+    os.replace(partial, shard_dir / MANIFEST)
+    listed = {shard["name"] for split in manifest["splits"].values() for shard in split["shards"]}
+    for name in replaced - listed:
+        (shard_dir / name).unlink(missing_ok=True)
+    return manifest["domains"][spec]

@@ -1,4 +1,5 @@
-"""FID, KID and (for VAEs) held-out reconstruction error, computed across ranks.
+"""FID, KID and the held-out scores of the families (VAE reconstruction error, pix2pix inpainting,
+CycleGAN translation), computed across ranks.
 
 Every call is collective. Sample i of the generated set comes from noise row i of one seeded
 tensor, each rank generates and embeds a contiguous share, and the features are gathered in
@@ -9,7 +10,7 @@ quantised to uint8 levels like the real ones (and like a PNG on disk) before Inc
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from gendist.eval.inception import FidInception, weights_id
 from gendist.eval.inpainting import PROTOCOL as INPAINTING_PROTOCOL
 from gendist.eval.inpainting import from_uint8_hwc, inpainting_metrics, mean_fill, quantize, telea_fill
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
-from gendist.families.base import Complete, Generate, Reconstruct
+from gendist.families.base import Complete, Generate, Reconstruct, Translate
 from gendist.progress import append_jsonl, read_jsonl
 
 EVAL_LOG = "eval.jsonl"
@@ -35,6 +36,20 @@ INPAINTING_METRICS = ("psnr", "ssim", "l1_hole")
 # what a log line shows of an evaluation row
 SHOWN = ("fid", "kid", "kid_std", "recon_mse", "psnr_model", "psnr_telea", "psnr_mean_fill", "completed_fid")
 PROTOCOL = "pytorch-fid InceptionV3 pool3 (2048-d), bilinear resize to 299x299, images quantised to uint8"
+TRANSLATION_PROTOCOL = (
+    "the first eval.recon_images images of each source domain's eval.recon_split.SRC split, translated "
+    "(outputs quantised to uint8); FID/KID of the translations against the eval.split.DST reference, next to "
+    "the untranslated sources' (_identity: what a translator that changes nothing scores, measured once per "
+    "process); cycle_l1_SRC: mean |back(forward(x)) - x| per pixel in [0, 1], forward(x) quantised before it "
+    "is translated back"
+)
+# a one-line summary also shows each translation direction's FID, its identity baseline and the cycle error
+SHOWN_TRANSLATION_PREFIXES = ("fid_", "cycle_l1_")
+
+
+def shown_keys(row: dict) -> list[str]:
+    """The numbers a one-line summary of an evaluation row shows, in order."""
+    return [k for k in SHOWN if k in row] + [k for k in row if k.startswith(SHOWN_TRANSLATION_PREFIXES)]
 
 
 def quantised(images: torch.Tensor) -> torch.Tensor:
@@ -68,8 +83,10 @@ class Evaluator:
         self.device = accelerator.device
         self.stats_dir = cfg.eval.stats_dir or str(Path(cfg.data.cache_dir).expanduser() / "fid_stats")
         self._inception: FidInception | None = None
-        self._reference: ref_cache.Reference | None = None
-        self._held_out: np.ndarray | str | None = None  # the reconstruction images, or why there are none
+        self._references: dict[str, ref_cache.Reference] = {}  # by split: eval.split's, a translation target's
+        self._held_out: dict[str, np.ndarray | str] = {}  # by split: held-out images, or why there are none
+        # (source, target) -> the untranslated sources' FID/KID (rank 0; {} elsewhere): they never change
+        self._identity: dict[tuple[str, str], dict] = {}
 
     @property
     def inception(self) -> FidInception:
@@ -82,17 +99,19 @@ class Evaluator:
         return distributed.chunk_bounds(total, self.accelerator.process_index, self.accelerator.num_processes)
 
     # -- the real side -------------------------------------------------------------------------
-    def reference(self, timer: Timer | None = None) -> ref_cache.Reference:
-        """The real statistics: from the cache when present, else computed by all ranks and cached."""
-        if self._reference is not None:
-            return self._reference
+    def reference(self, timer: Timer | None = None, split: str | None = None) -> ref_cache.Reference:
+        """The real statistics of the first eval.num_real images of `split` (default eval.split; a
+        translation's target domain): from the cache when present, else computed by all ranks and cached."""
         ev = self.cfg.eval
-        key, described = ref_cache.describe(self.shard_dir, ev.split, ev.num_real, weights_id(ev.inception_weights))
-        path = ref_cache.cache_path(self.stats_dir, self.shard_dir, ev.split, described["images"], key)
+        split = split or ev.split
+        if split in self._references:
+            return self._references[split]
+        key, described = ref_cache.describe(self.shard_dir, split, ev.num_real, weights_id(ev.inception_weights))
+        path = ref_cache.cache_path(self.stats_dir, self.shard_dir, split, described["images"], key)
         cached = distributed.broadcast_from_main(self.accelerator, path.is_file())
         reference = ref_cache.load(path, key) if cached and self.accelerator.is_main_process else None
         if not cached:
-            reference = self._build_reference(key, described, path, timer or Timer(self.device))
+            reference = self._build_reference(split, key, described, path, timer or Timer(self.device))
         # Only rank 0 computes distances; the others need the attributes (labels) and the description.
         shared = distributed.broadcast_from_main(
             self.accelerator,
@@ -101,24 +120,26 @@ class Evaluator:
         if reference is None:
             empty = np.zeros(0)
             reference = ref_cache.Reference(empty, empty, empty, empty, shared[0], key, Path(shared[2]), shared[1])
-        self._reference = reference
+        self._references[split] = reference
         return reference
 
-    def _build_reference(self, key: str, described: dict, path: Path, timer: Timer) -> ref_cache.Reference | None:
+    def _build_reference(
+        self, split: str, key: str, described: dict, path: Path, timer: Timer
+    ) -> ref_cache.Reference | None:
         """Embed the reference images on all ranks; rank 0 computes, caches and returns the statistics."""
         ev = self.cfg.eval
         distributed.rank_print(
             self.accelerator,
-            f"FID reference: embedding {described['images']} '{ev.split}' images "
+            f"FID reference: embedding {described['images']} '{split}' images "
             f"of {self.shard_dir} once; cached at {path}",
         )
-        images, attrs, _ = read_in_order(self.shard_dir, ev.split, self.cfg.model.image_size, ev.num_real)
-        start, end = self._share(len(images))
-        features = []
-        with timer.phase("reference_features"):
-            for i in range(start, end, ev.batch_size):
-                features.append(self.inception(unit_range(images[i : min(i + ev.batch_size, end)], self.device)))
-        gathered = self._gather(features, len(images))
+        images, attrs, _ = read_in_order(self.shard_dir, split, self.cfg.model.image_size, ev.num_real)
+        (gathered,) = self._embedded(
+            len(images),
+            lambda i, stop: (unit_range(images[i:stop], self.device),),
+            timer,
+            phases=("reference_features", "reference_features"),
+        )
         if not self.accelerator.is_main_process:
             return None
         with timer.phase("reference_statistics"):
@@ -131,6 +152,27 @@ class Evaluator:
         local = torch.cat(features) if features else torch.zeros(0, 2048, device=self.device)
         return distributed.gather_rows(self.accelerator, local, total).numpy()
 
+    def _embedded(
+        self,
+        total: int,
+        produce: Callable[[int, int], Sequence[torch.Tensor]],
+        timer: Timer,
+        sets: int = 1,
+        phases: tuple[str, str] = ("features", "gather"),
+    ) -> list[np.ndarray]:
+        """Inception features of `sets` image sets of `total` images each, made batch by batch over this
+        rank's share: produce(start, stop) -> one batch in [0, 1] per set, of images start..stop-1.
+        Each set's features come back gathered in image order, on every rank."""
+        start, end = self._share(total)
+        features: list[list[torch.Tensor]] = [[] for _ in range(sets)]
+        for i in range(start, end, self.cfg.eval.batch_size):
+            batches = produce(i, min(i + self.cfg.eval.batch_size, end))
+            with timer.phase(phases[0]):
+                for found, images in zip(features, batches, strict=True):
+                    found.append(self.inception(images))
+        with timer.phase(phases[1]):
+            return [self._gather(found, total) for found in features]
+
     # -- the generated side --------------------------------------------------------------------
     def evaluate(
         self,
@@ -139,10 +181,14 @@ class Evaluator:
         generator_label: str,
         reconstruct: Reconstruct | None = None,
         complete: Complete | None = None,
+        translate: dict[tuple[str, str], Translate] | None = None,
     ) -> dict:
         """One evaluation; returns the row (on every rank) that rank 0 appends to eval.jsonl."""
         timer = Timer(self.device)
-        reference = self.reference(timer)
+        # eval.split's statistics serve the noise samples and the completions; a translation family
+        # is scored against its target domains' statistics only
+        only_translation = bool(translate) and generate is None and complete is None
+        reference = None if only_translation else self.reference(timer)
         row: dict = {}
         if generate is not None:
             row.update(self._generated(generate, reference, timer))
@@ -150,12 +196,21 @@ class Evaluator:
             row.update(self._reconstruction(reconstruct, timer))
         if complete is not None:
             row.update(self._inpainting(complete, reference, timer))
+        if translate:
+            row.update(self._translations(translate, timer))
         row = distributed.broadcast_from_main(self.accelerator, row)
+        if reference is None:  # the target domains' references, and the translations scored against them
+            translated = list(row["translation_images"].values())
+            references = [self.reference(timer, split) for split in self._targets(translate)]
+            protocol = self.protocol(references, generator_label, sum(translated), translated)
+        else:
+            samples = self.cfg.eval.num_samples
+            protocol = self.protocol([reference], generator_label, samples if generate is not None else 0, [samples])
         return {
             "step": step,
             **row,
             "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
-            "protocol": self.protocol(reference, generator_label, generated=generate is not None),
+            "protocol": protocol,
         }
 
     def _generated(self, generate: Generate, reference: ref_cache.Reference, timer: Timer) -> dict:
@@ -163,20 +218,18 @@ class Evaluator:
         ev = self.cfg.eval
         noise = torch.randn(ev.num_samples, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(ev.seed))
         labels = torch.from_numpy(reference.attrs[np.arange(ev.num_samples) % reference.count]).float()
-        start, end = self._share(ev.num_samples)
-        features = []
-        for i in range(start, end, ev.batch_size):
-            stop = min(i + ev.batch_size, end)
+
+        def produce(i: int, stop: int) -> tuple[torch.Tensor]:
             with timer.phase("generate"), torch.no_grad():
-                images = quantised(generate(noise[i:stop].to(self.device), labels[i:stop].to(self.device)))
-            with timer.phase("features"):
-                features.append(self.inception(images))
-        with timer.phase("gather"):
-            generated = self._gather(features, ev.num_samples)
+                return (quantised(generate(noise[i:stop].to(self.device), labels[i:stop].to(self.device))),)
+
+        (generated,) = self._embedded(ev.num_samples, produce, timer)
         return self._distances(generated, reference, timer) if self.accelerator.is_main_process else {}
 
-    def _distances(self, features: np.ndarray, reference: ref_cache.Reference, timer: Timer, prefix: str = "") -> dict:
-        """FID and KID of a gathered feature set against the reference (rank 0)."""
+    def _distances(
+        self, features: np.ndarray, reference: ref_cache.Reference, timer: Timer, prefix: str = "", suffix: str = ""
+    ) -> dict:
+        """FID and KID of a gathered feature set against the reference (rank 0): keys {prefix}fid{suffix}, ..."""
         ev = self.cfg.eval
         with timer.phase("statistics"):
             mu, sigma = feature_statistics(features)
@@ -186,7 +239,7 @@ class Evaluator:
             kid, kid_std = kernel_inception_distance(
                 reference.features, features, ev.kid_subsets, ev.kid_subset_size, ev.seed
             )
-        return {f"{prefix}fid": fid, f"{prefix}kid": kid, f"{prefix}kid_std": kid_std}
+        return {f"{prefix}{name}{suffix}": value for name, value in (("fid", fid), ("kid", kid), ("kid_std", kid_std))}
 
     def _inpainting(self, complete: Complete, reference: ref_cache.Reference, timer: Timer) -> dict:
         """Held-out images with fixed seeded masks (one per image index, whatever the ranks), completed
@@ -197,11 +250,9 @@ class Evaluator:
             return {"inpainting_skipped": images}
         ev, size = self.cfg.eval, self.cfg.model.image_size
         masks = mask_batch(self.cfg.pix2pix.mask, size, ev.seed, eval_keys(range(len(images))))
-        start, end = self._share(len(images))
         sums = torch.zeros(len(INPAINTING_METHODS), len(INPAINTING_METRICS), dtype=torch.float64, device=self.device)
-        features = []
-        for i in range(start, end, ev.batch_size):
-            stop = min(i + ev.batch_size, end)
+
+        def produce(i: int, stop: int) -> tuple[torch.Tensor]:
             real, mask = unit_range(images[i:stop], self.device), masks[i:stop].to(self.device)
             with timer.phase("complete"), torch.no_grad():
                 completed = quantised(complete(real * 2 - 1, mask))
@@ -212,8 +263,9 @@ class Evaluator:
                 for row, output in enumerate((completed, telea, mean)):
                     scores = inpainting_metrics(output, real, mask)
                     sums[row] += torch.stack([scores[name].double().sum() for name in INPAINTING_METRICS])
-            with timer.phase("features"):
-                features.append(self.inception(completed))
+            return (completed,)
+
+        (gathered,) = self._embedded(len(images), produce, timer)
         totals = distributed.sum_across_ranks(self.accelerator, sums) / len(images)
         row: dict = {
             f"{metric}_{method}": value
@@ -226,23 +278,23 @@ class Evaluator:
             inpainting_masks=self.cfg.pix2pix.mask,
             inpainting_protocol=INPAINTING_PROTOCOL,
         )
-        with timer.phase("gather"):
-            gathered = self._gather(features, len(images))
         if self.accelerator.is_main_process:
             row.update(self._distances(gathered, reference, timer, prefix="completed_"))
         return row
 
-    def _held_out_images(self) -> np.ndarray | str:
-        """eval.recon_split's first eval.recon_images images, read once per run; or why there are none."""
+    def _held_out_images(self, split: str | None = None) -> np.ndarray | str:
+        """The first eval.recon_images images of `split` (default eval.recon_split), read once per run;
+        or why there are none."""
         ev = self.cfg.eval
-        if self._held_out is None:
+        split = split or ev.recon_split
+        if split not in self._held_out:
             try:
-                self._held_out = read_in_order(
-                    self.shard_dir, ev.recon_split, self.cfg.model.image_size, ev.recon_images
+                self._held_out[split] = read_in_order(
+                    self.shard_dir, split, self.cfg.model.image_size, ev.recon_images
                 )[0]
             except ValueError as err:  # e.g. a dataset without a held-out split: say so in the row
-                self._held_out = str(err)
-        return self._held_out
+                self._held_out[split] = str(err)
+        return self._held_out[split]
 
     def _reconstruction(self, reconstruct: Reconstruct, timer: Timer) -> dict:
         """Mean squared error per pixel (values in [0, 1]) of reconstructions of held-out images."""
@@ -260,23 +312,91 @@ class Evaluator:
         total = distributed.sum_across_ranks(self.accelerator, squared).item()
         return {"recon_mse": total / images.size, "recon_images": len(images), "recon_split": ev.recon_split}
 
-    def protocol(self, reference: ref_cache.Reference, generator_label: str, generated: bool = True) -> dict:
+    # -- translation ---------------------------------------------------------------------------
+    def _targets(self, translate: dict[tuple[str, str], Translate]) -> list[str]:
+        """The reference splits of the translations' target domains, each once."""
+        return list(dict.fromkeys(f"{self.cfg.eval.split}.{dst}" for _, dst in translate))
+
+    def _translations(self, translate: dict[tuple[str, str], Translate], timer: Timer) -> dict:
+        """Each direction's scores (see TRANSLATION_PROTOCOL), what they were measured on, and the
+        directions skipped for want of held-out source images."""
         ev = self.cfg.eval
-        described = reference.description
+        row: dict = {}
+        images: dict[str, int] = {}
+        splits: dict[str, dict[str, str]] = {}
+        skipped: dict[str, str] = {}
+        for src, dst in translate:
+            direction = f"{src}_to_{dst}"
+            splits[direction] = {"source": f"{ev.recon_split}.{src}", "reference": f"{ev.split}.{dst}"}
+            scores = self._translation(src, dst, translate[(src, dst)], translate.get((dst, src)), timer)
+            if isinstance(scores, str):
+                skipped[direction] = scores
+            else:
+                images[direction] = scores.pop("images")
+                row.update(scores)
+        row.update(translation_images=images, translation_splits=splits, translation_protocol=TRANSLATION_PROTOCOL)
+        if skipped:
+            row["translation_skipped"] = skipped
+        return row
+
+    def _translation(self, src: str, dst: str, forward: Translate, back: Translate | None, timer: Timer) -> dict | str:
+        """One direction: FID/KID of the held-out `src` images translated `forward`, and of the same
+        images untranslated (measured at the first evaluation), against `dst`'s reference (rank 0); the
+        cycle error where the way `back` is given (all ranks). Or why the direction cannot be scored."""
+        ev = self.cfg.eval
+        reference = self.reference(timer, f"{ev.split}.{dst}")
+        images = self._held_out_images(f"{ev.recon_split}.{src}")
+        if isinstance(images, str):
+            return images
+        if len(images) < 2:
+            return f"'{ev.recon_split}.{src}' holds {len(images)} image: FID and KID need at least 2"
+        errors = torch.zeros((), dtype=torch.float64, device=self.device)
+        baseline = (src, dst) not in self._identity  # the same decision on every rank
+
+        def produce(i: int, stop: int) -> tuple[torch.Tensor, ...]:
+            real = unit_range(images[i:stop], self.device)
+            with timer.phase("translate"), torch.no_grad():
+                translated = quantised(forward(real * 2 - 1))
+                if back is not None:
+                    errors.add_((quantised(back(translated * 2 - 1)) - real).abs().double().sum())
+            return (translated, real) if baseline else (translated,)
+
+        features = self._embedded(len(images), produce, timer, sets=2 if baseline else 1)
+        cycle = distributed.sum_across_ranks(self.accelerator, errors).item() / images.size
+        scores: dict = {"images": len(images)}
+        main = self.accelerator.is_main_process
+        if baseline:
+            suffix = f"_{src}_to_{dst}_identity"
+            self._identity[(src, dst)] = self._distances(features[1], reference, timer, suffix=suffix) if main else {}
+        if main:
+            scores.update(self._distances(features[0], reference, timer, suffix=f"_{src}_to_{dst}"))
+            scores.update(self._identity[(src, dst)])
+        if back is not None:
+            scores[f"cycle_l1_{src}"] = cycle
+        return scores
+
+    def protocol(
+        self, references: list[ref_cache.Reference], generator_label: str, generated: int, sizes: list[int]
+    ) -> dict:
+        """What the row's distances were measured under: `generated` images scored by FID (noise samples,
+        or translations when only translation is scored), in sets of `sizes`, against `references`
+        (eval.split's, or the translations' target domains', joined by '+')."""
+        ev = self.cfg.eval
+        described = references[0].description
         return {
             "fid": PROTOCOL,
             "inception": described["inception"],
-            "generated": ev.num_samples if generated else 0,
+            "generated": generated,
             "generator": generator_label,
             "noise_seed": ev.seed,
-            "reference_split": described["split"],
-            "reference_images": reference.count,
-            "reference_key": reference.key[:16],
+            "reference_split": "+".join(reference.description["split"] for reference in references),
+            "reference_images": sum(reference.count for reference in references),
+            "reference_key": "+".join(reference.key[:16] for reference in references),
             "shards": self.shard_dir,
             "preprocessing": described["preprocessing"],
             "kid": {
                 "subsets": ev.kid_subsets,
-                "subset_size": min(ev.kid_subset_size, reference.count, ev.num_samples),
+                "subset_size": min(ev.kid_subset_size, *(reference.count for reference in references), *sizes),
                 "kernel": "(x.y/d + 1)^3",
             },
         }

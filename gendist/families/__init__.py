@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gendist.families import gan, pix2pix, vae
+from gendist.families import cyclegan, gan, pix2pix, vae
 from gendist.families.base import Family, FamilyInputs
 
 DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
@@ -15,6 +15,7 @@ DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
     "wgan_gp": gan.declare,
     "vae": vae.declare,
     "pix2pix": pix2pix.declare,
+    "cyclegan": cyclegan.declare,
 }
 
 

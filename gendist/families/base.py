@@ -26,17 +26,20 @@ Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 # real images in [-1, 1] and hole masks (B, 1, H, W; 1 = hole) -> completions in [-1, 1], known pixels kept
 Complete = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# images of one domain in [-1, 1] -> their translation into the other domain, in [-1, 1]
+Translate = Callable[[torch.Tensor], torch.Tensor]
 Stats = dict[str, torch.Tensor | float]
 
 
 @dataclass(frozen=True)
 class FamilyInputs:
-    """What a declaration may depend on besides the config: the data's attribute names, and the
-    stream's spec (for a fixed batch of real images in the grids)."""
+    """What a declaration may depend on besides the config: the data's attribute names, the
+    stream's spec (for a fixed batch of real images in the grids), and the rank."""
 
     cfg: RunConfig
     attribute_names: list[str]
     spec: StreamSpec | None = None  # None when only sampling (gendist eval, compare)
+    rank: int = 0  # seeds per-rank state (an image pool's draws)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Network:
     optimizer: str
     lr: float
     ema: bool = False
+    lr_factor: Callable[[int], float] | None = None  # step (from 1) -> multiplier of lr: a schedule
 
 
 class StepContext:
@@ -76,16 +80,21 @@ class StepContext:
 
 @dataclass
 class Phase:
-    """One kind of update: `loss(ctx)` -> (loss, stats) steps `network`; `frozen` networks are used
-    but get no parameter gradients (and no gradient sync). Each of `repeats` repeats is its own
-    update; `after_update` runs after each (WGAN's weight clipping)."""
+    """One kind of update: `loss(ctx)` -> (loss, stats) steps `network` (or several networks from
+    one backward: CycleGAN's generators, coupled by the cycle loss); `frozen` networks are used but
+    get no parameter gradients (and no gradient sync). Each of `repeats` repeats is its own update;
+    `after_update` runs after each (WGAN's weight clipping)."""
 
     name: str
-    network: str
+    network: str | tuple[str, ...]
     loss: Callable[[StepContext], tuple[torch.Tensor, Stats]]
     repeats: int = 1
     frozen: tuple[str, ...] = ()
     after_update: Callable[[], None] | None = None
+
+    @property
+    def updated(self) -> tuple[str, ...]:
+        return (self.network,) if isinstance(self.network, str) else self.network
 
 
 @dataclass
@@ -98,6 +107,9 @@ class Sampling:
     write_grids: Callable[[Path, int], None]
     reconstruct: Reconstruct | None = None
     complete: Complete | None = None  # inpainting families
+    # translation families (CycleGAN): (source domain, target domain) -> the translator, both ways;
+    # a domain D of split S is the shard split "S.D" (gendist shards domains)
+    translate: dict[tuple[str, str], Translate] | None = None
 
 
 @dataclass

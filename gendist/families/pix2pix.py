@@ -1,10 +1,16 @@
 """Pix2Pix face inpainting (Isola et al. 2017): a U-Net fills the hole of a masked face, a PatchGAN
 judges (masked input, completed image) pairs; the generator's loss adds lambda x L1 to the image.
 
-Batches are paired by a seeded transform of one image: the mask of sample i of rank r at step t is
-a function of (pix2pix.mask_seed, t, r, i) alone (gendist.data.masks), so a resumed run draws the
-masks the interrupted one drew. The output keeps the known pixels, G(x)*m + x*(1-m), in training
-and in the grids. The discriminator objective is halved, as in the paper.
+Batches are paired by a seeded transform of one image: the mask of sample i of rank r at step t,
+with B samples per rank, is a function of (pix2pix.mask_seed, t, r*B + i) alone (gendist.data.masks
+train_keys: the sample's index in the step's global batch taken in rank order), so a resumed run
+draws the masks the interrupted one drew, ranks draw different masks, and a global batch split over
+2 ranks x B gets the masks it gets on 1 rank x 2B. (The loader hands each rank its own stretch of
+the epoch, so in training the numbering keeps ranks apart; given the same 2B images split in rank
+order and no dropout, one step on 2 ranks equals one on 1 rank: tests/test_families.py.) The U-Net's
+decoder dropout is pix2pix.dropout (the paper's 0.5, the generator's only noise; 0 turns it off),
+drawn from each rank's own RNG stream. The output keeps the known pixels, G(x)*m + x*(1-m), in
+training and in the grids. The discriminator objective is halved, as in the paper.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ GRID_IMAGES = 8
 def declare(inputs: FamilyInputs) -> Family:
     cfg = inputs.cfg
     settings, size = cfg.pix2pix, cfg.model.image_size
-    generator = in_memory_format(UNetGenerator(4, 3, cfg.model.ngf, size), cfg)
+    generator = in_memory_format(UNetGenerator(4, 3, cfg.model.ngf, size, dropout=settings.dropout), cfg)
     critic = in_memory_format(PatchDiscriminator(7, cfg.model.ndf, settings.patch_layers, size), cfg)
 
     def discriminator_loss(ctx: StepContext) -> tuple[torch.Tensor, Stats]:

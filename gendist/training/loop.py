@@ -3,8 +3,10 @@
 Per step, each phase of the family runs its repeats in order; a repeat computes the phase's loss
 with the frozen networks giving no gradients (and no gradient sync), then ONE backward and
 optimizer step of the phase's network (all-reduced once, or reduce-scattered by its ZeRO engine),
-then the phase's after-update hook. A network with an EMA copy updates it after its phase. Each
-network is wrapped for data parallelism on its own (Session.prepare).
+then the phase's after-update hook (a phase may step several networks from its one backward, each
+by its own optimizer). A network with an EMA copy updates it after its phase; a network with a
+learning-rate schedule gets its step's rate before the step. Each network is wrapped for data
+parallelism on its own (Session.prepare).
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gendist import distributed, families
+from gendist import distributed, engines, families
 from gendist.config import RunConfig
 from gendist.families.base import FamilyInputs, StepContext, averaged
-from gendist.training.optimizers import apply_hyperparameters, build_optimizer
+from gendist.training.optimizers import apply_hyperparameters, build_optimizer, set_lr
 from gendist.training.session import Session
 from gendist.training.stream import TrainState
 
@@ -50,7 +52,8 @@ def frozen(models: list[nn.Module]):
 def train(cfg: RunConfig) -> TrainResult:
     session = Session(cfg)
     distributed.seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    family = families.declare(FamilyInputs(cfg, session.attribute_names, session.spec))
+    rank = session.accelerator.process_index
+    family = families.declare(FamilyInputs(cfg, session.attribute_names, session.spec, rank))
     for note in family.notes:
         distributed.rank_print(session.accelerator, note)
     session.open_streams(family.streams)
@@ -78,24 +81,34 @@ def train(cfg: RunConfig) -> TrainResult:
     for network in family.networks:
         apply_hyperparameters(updates[network.name].optimizer, network.lr, cfg.optim)
     session.attach(family.sampling(bare))
-    ctx = StepContext(nets, bare, session.next_batch, session.device, session.accelerator.process_index)
+    phase_updates = [
+        updates[phase.network]
+        if isinstance(phase.network, str)
+        else engines.JointUpdate(session.accelerator, [updates[name] for name in phase.network])
+        for phase in family.phases
+    ]
+    scheduled = [network for network in family.networks if network.lr_factor is not None]
+    ctx = StepContext(nets, bare, session.next_batch, session.device, rank)
     with session:
         while session.running:
             ctx.step, ctx.scratch = session.state.step + 1, {}
+            for network in scheduled:
+                set_lr(updates[network.name].optimizer, network.lr * network.lr_factor(ctx.step))
             values: dict[str, torch.Tensor | float] = {}
-            for phase in family.phases:
+            for phase, update in zip(family.phases, phase_updates):
                 ctx.repeats = phase.repeats
                 for ctx.repeat in range(phase.repeats):
                     with frozen([bare[name] for name in phase.frozen]), contextlib.ExitStack() as unsynced:
                         for name in phase.frozen:
                             unsynced.enter_context(session.no_sync(nets[name]))
                         loss, stats = phase.loss(ctx)
-                    updates[phase.network](loss)
+                    update(loss)
                     if phase.after_update is not None:
                         phase.after_update()
                     for name, value in stats.items():  # the mean over the repeats
                         values[name] = values.get(name, 0.0) + value / phase.repeats
-                if phase.network in emas:
-                    emas[phase.network].update_parameters(bare[phase.network])
+                for name in phase.updated:
+                    if name in emas:
+                        emas[name].update_parameters(bare[name])
             session.step_done(values)
     return TrainResult(bare, session.state, session.run_dir)

@@ -17,7 +17,12 @@ def build_optimizer(params, lr: float, cfg: OptimConfig) -> torch.optim.Optimize
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, lr: float, cfg: OptimConfig) -> None:
     """The config's learning rate (and Adam betas) over what a resumed optimizer state holds: a
     checkpoint carries state, the config decides hyperparameters (PBT changes them mid-run)."""
+    set_lr(optimizer, lr)
     for group in optimizer.param_groups:
-        group["lr"] = lr
         if "betas" in group:
             group["betas"] = tuple(cfg.betas)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

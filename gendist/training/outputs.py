@@ -9,7 +9,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from torch import nn
 
-from gendist.eval.evaluator import SHOWN, Evaluator, append_row
+from gendist.eval.evaluator import Evaluator, append_row, shown_keys
 from gendist.families.base import Sampling
 
 
@@ -42,13 +42,13 @@ class Outputs:
         sampling = self.sampling
         with in_eval_mode(self.modules):
             row = self.evaluator.evaluate(
-                sampling.generate, step, sampling.label, sampling.reconstruct, sampling.complete
+                sampling.generate, step, sampling.label, sampling.reconstruct, sampling.complete, sampling.translate
             )
         row["images_seen"] = images_seen
         row["source"] = "training"
         if self.accelerator.is_main_process:
             append_row(self.run_dir, row)
-        shown = "  ".join(f"{k} {row[k]:.4g}" for k in SHOWN if k in row)
+        shown = "  ".join(f"{k} {row[k]:.4g}" for k in shown_keys(row))
         protocol, seconds = row["protocol"], sum(row["seconds"].values())
         summary = (
             f"eval step {step}: {shown}  ({seconds:.1f}s, {protocol['generated']} samples vs "

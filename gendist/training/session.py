@@ -57,10 +57,9 @@ class Session:
         self.window = MetricWindow(accelerator, self.run_dir)
         self._window_start, self._window_images_start = time.perf_counter(), 0
         self.reporter: Reporter | None = None
-        evaluator = Evaluator(cfg, accelerator, shard_dir)
-        if cfg.eval.every:  # missing FID weights fail now, not hours into the run, and the real
-            evaluator.reference()  # statistics are built before the collective timeout shortens
-        self.outputs = Outputs(accelerator, evaluator, self.run_dir, self.checkpointed.modules)
+        self.outputs = Outputs(
+            accelerator, Evaluator(cfg, accelerator, shard_dir), self.run_dir, self.checkpointed.modules
+        )
         self.stop_requests = StopRequests()  # installed for the training loop only (__enter__)
         self.stopped_early = False
 
@@ -97,8 +96,18 @@ class Session:
         self.checkpointed.register_per_rank(name, obj)
 
     def attach(self, sampling: Sampling) -> None:
-        """The family's outputs: sample grids, and what evaluation scores."""
+        """The family's outputs: sample grids, and what evaluation scores. With evaluation on, missing
+        FID weights fail now, not hours into the run, and the real statistics it scores against are
+        built before the collective timeout shortens."""
         self.outputs.sampling = sampling
+        if not self.cfg.eval.every:
+            return
+        evaluator, ev = self.outputs.evaluator, self.cfg.eval
+        if sampling.translate and sampling.generate is None and sampling.complete is None:
+            for _, target in sampling.translate:  # a translation family scores against its target domains
+                evaluator.reference(split=f"{ev.split}.{target}")
+        else:
+            evaluator.reference()
 
     def resume(self) -> None:
         """Record the config, load the latest readable checkpoint, if any, and start reporting. Rows

@@ -14,11 +14,12 @@ from accelerate import Accelerator
 
 from gendist.config import ConfigError, RunConfig
 from gendist.data.loader import ShardStream, StreamSpec, make_loader
-from gendist.data.shards import MANIFEST, Preprocess, write_shards
+from gendist.data.shards import MANIFEST, Preprocess, read_manifest, write_domains, write_shards
 from gendist.data.synthetic import VERSION, SyntheticFacesSource
 from gendist.stopping import LoaderWorkerSignals
 
 DEFAULT_STREAM = "train"  # a family with one stream reads data.split under this name
+SYNTHETIC_DOMAINS = ("Eyeglasses", "Male")  # the CycleGAN presets' domains, on the embedded set too
 
 
 def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
@@ -37,6 +38,10 @@ def resolve_shards(cfg: RunConfig, accelerator: Accelerator) -> str:
                 shard_size=1024,
                 show_progress=True,
             )
+        if accelerator.is_local_main_process:
+            for attribute in SYNTHETIC_DOMAINS:
+                if attribute not in read_manifest(folder).get("domains", {}):
+                    write_domains(folder, attribute)
     return str(folder)
 
 
@@ -46,7 +51,10 @@ def checked_stream(spec: StreamSpec, name: str = DEFAULT_STREAM) -> ShardStream:
     try:
         return ShardStream(spec)
     except ValueError as err:
-        raise ConfigError(str(err) if name == DEFAULT_STREAM else f"stream '{name}': {err}") from None
+        message = str(err) if name == DEFAULT_STREAM else f"stream '{name}': {err}"
+        if "." in spec.split:  # a domain split "S.D"
+            message += f"; domain splits are written by `gendist shards domains {spec.shard_dir} --attribute ATTR`"
+        raise ConfigError(message) from None
 
 
 @dataclass
