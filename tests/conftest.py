@@ -135,6 +135,15 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny tensors: with two busy cores, intra-op threads cost ~30x more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_shards(tmp_path_factory) -> Path:
     """256 synthetic faces at 32 px in uneven shards (100, 100, 31 train images), with the Male and

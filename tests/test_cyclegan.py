@@ -100,3 +100,10 @@ def test_generators_are_stepped_together_and_discriminators_on_their_own(tiny_ov
             name for name in before if before[name].is_floating_point() and not torch.equal(before[name], after[name])
         ]
         assert len(moved) == len([n for n in before if before[n].is_floating_point()]), network.name
+
+
+def test_bf16_trains_with_finite_losses(tiny_overrides):
+    result = train(load_config(None, [*tiny_overrides, *CYCLEGAN, "train.steps=2", "train.mixed_precision=bf16"]))
+    rows = read_jsonl(result.run_dir / "metrics.jsonl")
+    assert rows[-1]["step"] == 2
+    assert all(isinstance(rows[-1][k], float) for k in ("loss_g", "cycle_l1", "loss_d_a", "loss_d_b"))

@@ -13,14 +13,7 @@ from gendist.losses.gan import d_least_squares, g_least_squares
 from gendist.models.cyclegan import ResnetBlock, ResnetGenerator, resnet_receptive_field
 from gendist.models.pix2pix import PatchDiscriminator, patch_grid
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two busy cores, intra-op threads cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parameters(module):

@@ -12,6 +12,20 @@ from family_step_worker import family as declared_family
 
 
 @pytest.mark.slow
+def run_on_1_and_2(worker: str, family: str, launcher: str, tmp_path) -> tuple[dict, dict]:
+    """A step worker's results as one plain process and as 2 launched ranks (their world sizes checked)."""
+    path = str(REPO / "tests" / worker)
+    single = subprocess.run(
+        [sys.executable, path, str(tmp_path / "one.pt"), family], cwd=REPO, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    proc = launch(launcher, tmp_path, [], [path, str(tmp_path / "two.pt"), family])
+    assert (tmp_path / "two.pt").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    return one, two
+
+
 @pytest.mark.parametrize(
     "launcher, family",
     [
@@ -25,15 +39,7 @@ def test_critic_step_is_the_same_on_2_ranks_and_on_1(launcher, family, tmp_path)
     engine), and the original GAN's maxout discriminator: averaging (reduce-scattering) the two
     ranks' gradients must equal the gradient of the whole batch. Tolerance: 1e-6 absolute (float32
     sums in a different order; Adam's first step is about lr * sign(grad), lr = 1e-3)."""
-    worker = str(REPO / "tests" / "critic_step_worker.py")
-    single = subprocess.run(
-        [sys.executable, worker, str(tmp_path / "one.pt"), family], cwd=REPO, capture_output=True, text=True
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    proc = launch(launcher, tmp_path, [], [worker, str(tmp_path / "two.pt"), family])
-    assert (tmp_path / "two.pt").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    one, two = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
-    assert (one["world_size"], two["world_size"]) == (1, 2)
+    one, two = run_on_1_and_2("critic_step_worker.py", family, launcher, tmp_path)
     torch.manual_seed(0)  # as the worker builds it
     initial = critic_for(family).state_dict()
     for name, value in one["critic"].items():
@@ -61,15 +67,7 @@ def test_a_full_step_is_the_same_on_2_ranks_and_on_1(launcher, family, tmp_path)
     per-sample, and dropout is off. Tolerance: 1e-7 absolute (measured: 4e-9). Adam's first step,
     lr * g / (|g| + eps), hides a rescaled gradient almost wholly: DeepSpeed's default clipping to norm
     1 (the U-Net's is ~5) moved it by only 7e-7, and the masks of the old per-rank keys by 4e-4."""
-    worker = str(REPO / "tests" / "family_step_worker.py")
-    single = subprocess.run(
-        [sys.executable, worker, str(tmp_path / "one.pt"), family], cwd=REPO, capture_output=True, text=True
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    proc = launch(launcher, tmp_path, [], [worker, str(tmp_path / "two.pt"), family])
-    assert (tmp_path / "two.pt").exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    one, two = torch.load(tmp_path / "one.pt", weights_only=True), torch.load(tmp_path / "two.pt", weights_only=True)
-    assert (one["world_size"], two["world_size"]) == (1, 2)
+    one, two = run_on_1_and_2("family_step_worker.py", family, launcher, tmp_path)
     declared = declared_family(family)
     assert one["phases"] == two["phases"] == [phase.name for phase in declared.phases]
     initial = {network.name: network.module.state_dict() for network in declared.networks}
@@ -90,7 +88,10 @@ def test_every_family_trains_on_2_processes_with_identical_weights(tiny_override
         [str(REPO / "tests" / "family_worker.py"), str(tmp_path), "all"],
     )
     assert_ranks_agree(
-        tmp_path, ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix", "cyclegan"], proc, samples_at=3
+        tmp_path,
+        ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix", "cyclegan"],
+        proc,
+        samples_at=3,
     )
     clipped = torch.load(tmp_path / "wgan-rank0.pt", weights_only=True)["discriminator"]
     assert all(v.abs().max() <= 0.01 for k, v in clipped.items() if v.is_floating_point() and "running" not in k)

@@ -32,14 +32,7 @@ from gendist.models.pix2pix import (
     unet_receptive_field,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with two busy cores, intra-op threads cost ~30x more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pattern(height=32, width=40):
