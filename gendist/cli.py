@@ -1,11 +1,11 @@
-"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, translate, compare and sweep."""
+"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, translate, dream, compare and sweep."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import evaluate, sweep, train, translate
+from gendist import dream, evaluate, sweep, train, translate
 from gendist.config import parse_args_with_overrides
 from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, verify_shards, write_domains, write_shards
 from gendist.data.sources import CelebASource, FolderSource, parse_carve
@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
             "translate", help="apply a translation run (cyclegan) to a folder of images or a shard split"
         )
     )
+    dream.add_dream_arguments(
+        commands.add_parser("dream", help="Deep Dream: amplify what a layer of a trained network responds to")
+    )
     sweep.add_sweep_arguments(
         commands.add_parser("sweep", help="a Ray Tune sweep scored by FID (local or on a Ray cluster)")
     )
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate.run(evaluate.build_reference, args)
     if args.command == "translate":
         return translate.run(args)
+    if args.command == "dream":
+        return dream.run(args)
     try:
         if args.command == "train":
             return train.run(args)

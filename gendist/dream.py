@@ -1,0 +1,200 @@
+"""Deep Dream (Mordvintsev et al. 2015): gradient ascent on an input image to amplify what a chosen
+layer (or one of its channels, or one attribute logit) of a trained network responds to.
+
+Per octave, from the coarsest (the image scaled down by octave_scale^(octaves-1)) to the full size:
+the image is the octave's base plus the detail dreamed so far, scaled up; `steps` times it is rolled
+by a random jitter, fed to the network (resized to the network's input size, so fixed-size
+discriminators work too), the objective's gradient is normalised by its mean absolute value, a step
+of `step_size` is taken, the roll undone, and the image clamped to [-1, 1]. The objective is the mean
+square of the layer's (or channel's) activations, or the attribute's logit. As in
+pytorch-deepdream: octave scale 1.4, 10 steps per octave, jitter, normalised gradients.
+
+    gendist dream RUN --image face.jpg --out DIR [--network classifier] [--layers stages.2,stages.3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torchvision.utils import save_image
+
+from gendist import families
+from gendist.checkpoint import load_checkpoint
+from gendist.config import ConfigError, load_config
+from gendist.data.shards import Preprocess, read_manifest
+from gendist.evaluate import find_checkpoint
+from gendist.families.base import FamilyInputs, averaged
+
+
+@dataclass(frozen=True)
+class DreamSettings:
+    octaves: int = 4
+    octave_scale: float = 1.4
+    steps: int = 10  # per octave
+    step_size: float = 0.02  # in [-1, 1] image units, per normalised-gradient step
+    jitter: int = 4  # pixels of random roll per step
+    seed: int = 0
+
+
+@contextlib.contextmanager
+def recorded(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """The outputs of `module` during the block, in call order."""
+    outputs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _module, _inputs, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def objective(network: nn.Module, images: torch.Tensor, target: str, size: int, channel: int | None = None):
+    """Per image: the mean square of `target`'s activations (a module name; `channel` picks one), or
+    the logit `target` = "logit:I" (index I of the network's output)."""
+    inputs = images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="bilinear")
+    if target.startswith("logit:"):
+        return network(inputs).reshape(len(inputs), -1)[:, int(target.removeprefix("logit:"))]
+    with recorded(network.get_submodule(target)) as outputs:
+        network(inputs)
+    activation = outputs[0]
+    if channel is not None:
+        activation = activation[:, channel : channel + 1]
+    return activation.float().pow(2).flatten(1).mean(dim=1)
+
+
+def dream(
+    network: nn.Module,
+    images: torch.Tensor,
+    target: str,
+    settings: DreamSettings = DreamSettings(),
+    channel: int | None = None,
+) -> torch.Tensor:
+    """`images` (B, 3, H, W) in [-1, 1] dreamed with `network` (in eval mode, weights untouched)."""
+    size = images.shape[-1]
+    generator = torch.Generator().manual_seed(settings.seed)
+    shapes = [
+        (max(8, round(images.shape[-2] / settings.octave_scale**k)), max(8, round(size / settings.octave_scale**k)))
+        for k in reversed(range(settings.octaves))
+    ]
+    params = [p for p in network.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        detail = torch.zeros_like(F.interpolate(images, size=shapes[0], mode="bilinear", antialias=True))
+        for shape in shapes:
+            base = (
+                F.interpolate(images, size=shape, mode="bilinear", antialias=True)
+                if shape != images.shape[-2:]
+                else images
+            )
+            image = (base + F.interpolate(detail, size=shape, mode="bilinear")).detach()
+            for _ in range(settings.steps):
+                dy, dx = (
+                    int(v) for v in torch.randint(-settings.jitter, settings.jitter + 1, (2,), generator=generator)
+                )
+                image = torch.roll(image, (dy, dx), dims=(2, 3)).requires_grad_(True)
+                (gradient,) = torch.autograd.grad(objective(network, image, target, size, channel).sum(), image)
+                gradient = gradient / (gradient.abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-8)
+                image = torch.roll((image + settings.step_size * gradient).detach(), (-dy, -dx), dims=(2, 3))
+                image = image.clamp(-1, 1)
+            detail = image - base
+        return image
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def default_layers(network: nn.Module) -> list[str]:
+    """The stages of a network that has them (the classifier's `stages`); otherwise --layers is needed."""
+    stages = getattr(network, "stages", None)
+    if isinstance(stages, nn.ModuleList):
+        return [f"stages.{i}" for i in range(len(stages))]
+    names = [name for name, module in network.named_modules() if name and not list(module.children())]
+    raise ConfigError(f"{type(network).__name__} has no stages: pick --layers among {', '.join(names)}")
+
+
+def load_network(
+    run_dir: Path, checkpoint: str | None, name: str | None, overrides: list[str]
+) -> tuple[nn.Module, int]:
+    """A run's trained network (its EMA copy where the checkpoint holds one) in eval mode, and its input size."""
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    shared, _ = load_checkpoint(find_checkpoint(run_dir, checkpoint), 0)
+    try:
+        attribute_names = read_manifest(cfg.data.shards)["attribute_names"]
+    except (FileNotFoundError, ValueError):  # shards not on this machine: the config's attributes suffice
+        attribute_names = list(cfg.model.attributes)
+    declared = {network.name: network for network in families.declare(FamilyInputs(cfg, attribute_names)).networks}
+    name = name or next((n for n in ("classifier", "discriminator") if n in declared), None)
+    if name not in declared:
+        raise ConfigError(f"{run_dir} ({cfg.model.name}) has no network {name!r}; it has {', '.join(declared)}")
+    module = declared[name].module
+    module.load_state_dict(shared[name])
+    if f"{name}_ema" in shared:
+        ema = averaged(module)
+        ema.load_state_dict(shared[f"{name}_ema"])
+        module = ema.module
+    return module.eval(), cfg.model.image_size
+
+
+def read_images(paths: list[str], size: int) -> torch.Tensor:
+    """Image files centre-cropped and resized as the converter does, in [-1, 1]."""
+    preprocess = Preprocess(size)
+    arrays = []
+    for path in paths:
+        with Image.open(path) as image:
+            arrays.append(np.asarray(preprocess(image.convert("RGB"))))
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def add_dream_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run folder (config.yaml and checkpoints/)")
+    parser.add_argument("--image", nargs="+", required=True, help="image files to dream on")
+    parser.add_argument("--out", required=True, help="output folder: one PNG per image and layer, and grid.png")
+    parser.add_argument("--network", help="which of the run's networks (default: classifier, else discriminator)")
+    parser.add_argument("--layers", help="comma-separated module names, or logit:I (default: the network's stages)")
+    parser.add_argument("--channel", type=int, help="one channel of each layer instead of all")
+    parser.add_argument("--checkpoint", help="a checkpoint folder instead of the run's latest")
+    for field, default in vars(DreamSettings()).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`gendist dream`: each image dreamed for each layer; prints each objective before and after."""
+    try:
+        network, size = load_network(Path(args.run_dir), args.checkpoint, args.network, [])
+        layers = args.layers.split(",") if args.layers else default_layers(network)
+        settings = DreamSettings(**{field: getattr(args, field) for field in vars(DreamSettings())})
+        images = read_images(args.image, size)
+    except (ConfigError, FileNotFoundError, OSError) as err:
+        print(f"gendist dream: error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns = [images]
+    for layer in layers:
+        dreamed = dream(network, images, layer, settings, args.channel)
+        with torch.no_grad():
+            before = objective(network, images, layer, size, args.channel)
+            after = objective(network, dreamed, layer, size, args.channel)
+        for path, image in zip(args.image, dreamed):
+            name = f"{Path(path).stem}_{layer.replace(':', '_')}.png"
+            save_image(image, out / name, normalize=True, value_range=(-1, 1))
+        print(
+            f"{layer}: objective {before.mean():.4g} -> {after.mean():.4g} ({(after / before).mean():.2f}x per image)"
+        )
+        columns.append(dreamed)
+    grid = torch.stack(columns, dim=1).flatten(0, 1)  # per image: the original, then each layer's dream
+    save_image(grid, out / "grid.png", nrow=len(columns), normalize=True, value_range=(-1, 1))
+    print(
+        f"wrote {len(args.image) * len(layers)} dreamed images and {out / 'grid.png'} (original | {' | '.join(layers)})"
+    )
+    return 0
