@@ -94,6 +94,18 @@ class CycleGANConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """The attribute classifier (model.name=classifier): a ResNet (gendist.models.classifier) of base
+    width model.ndf, trained by binary cross-entropy at optim.lr_g, one logit per attribute."""
+
+    attributes: list[str] = field(default_factory=list)  # the data's names to predict; [] = all of them
+    blocks: int = 2  # basic residual blocks per stage (2 with model.ndf=64: ResNet-18's depth and widths)
+    norm: Literal["batch", "group"] = "batch"  # group: independent of the batch and the number of ranks
+    label_smoothing: float = 0.0  # targets 0/1 move to eps/2 and 1 - eps/2
+    schedule: Literal["constant", "cosine"] = "cosine"  # lr over train.steps: cosine decays it to 0
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adam", "rmsprop"] = "adam"
     lr_g: float = 2e-4  # generator (or the whole VAE)
@@ -151,6 +163,7 @@ class RunConfig:
     vae: VaeConfig = field(default_factory=VaeConfig)
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -175,6 +188,16 @@ class RunConfig:
                 "cyclegan with fp16 is refused: one backward steps both generators' optimizers, which one "
                 "loss scaler cannot unscale and update per optimizer; use train.mixed_precision=bf16"
             )
+
+    def _validate_classifier(self) -> None:
+        settings = self.classifier
+        if settings.blocks < 1:
+            raise ConfigError(f"classifier.blocks must be >= 1, got {settings.blocks}")
+        if not 0.0 <= settings.label_smoothing < 1.0:
+            raise ConfigError(f"classifier.label_smoothing must be in [0, 1), got {settings.label_smoothing}")
+        repeated = sorted({name for name in settings.attributes if settings.attributes.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"classifier.attributes names {', '.join(repeated)} more than once")
 
     def validate(self) -> None:
         size = self.model.image_size
@@ -230,6 +253,8 @@ class RunConfig:
             raise ConfigError(f"pix2pix.dropout must be in [0, 1), got {self.pix2pix.dropout}")
         if name == "cyclegan":
             self._validate_cyclegan()
+        if name == "classifier":
+            self._validate_classifier()
         if name == "cgan" and not self.model.attributes:
             raise ConfigError("cgan needs attributes to condition on, e.g. model.attributes=[Male,Smiling,Eyeglasses]")
 

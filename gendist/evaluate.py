@@ -71,7 +71,14 @@ def evaluate_run(args: argparse.Namespace) -> int:
     shard_dir = resolve_shards(cfg, accelerator)
     sampling, state = load_sampling(cfg, checkpoint, accelerator, read_manifest(shard_dir)["attribute_names"])
     row = Evaluator(cfg, accelerator, shard_dir).evaluate(
-        sampling.generate, state["step"], sampling.label, sampling.reconstruct, sampling.complete, sampling.translate
+        sampling.generate,
+        state["step"],
+        sampling.label,
+        sampling.reconstruct,
+        sampling.complete,
+        sampling.translate,
+        sampling.classify,
+        sampling.classify_attributes,
     )
     row.update(images_seen=state["images_seen"], source="gendist eval", checkpoint=str(checkpoint))
     if accelerator.is_main_process:

@@ -84,6 +84,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     scored_otherwise = {
         "pix2pix": "its inpainting metrics (PSNR, SSIM, L1 in the hole)",
         "cyclegan": "the FID of its translations and its cycle error",
+        "classifier": "its held-out attribute accuracy and balanced accuracy against the majority baseline",
     }
     if cfg.model.name in scored_otherwise:
         raise ConfigError(

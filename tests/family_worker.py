@@ -20,6 +20,7 @@ families = {
     "vae": ["model.name=vae", "vae.likelihood=gaussian_learned", "vae.kl_warmup_steps=2"],
     "pix2pix": ["model.name=pix2pix"],
     "cyclegan": ["model.name=cyclegan", "cyclegan.domains=[not_Male,Male]", "cyclegan.blocks=2"],
+    "classifier": ["model.name=classifier", "classifier.blocks=1"],
 }
 rank = None
 for family, extra in families.items():

@@ -10,7 +10,8 @@ def test_dry_run_prints_the_resolved_config(capsys):
     assert gendist_main(["train", "--dry-run", "optim.lr_g=1e-4", "train.steps=7"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr_g"] == 1e-4 and printed["train"]["steps"] == 7
-    assert set(printed) == {"data", "model", "loss", "vae", "pix2pix", "cyclegan", "optim", "train", "eval"}
+    sections = {"data", "model", "loss", "vae", "pix2pix", "cyclegan", "classifier", "optim", "train", "eval"}
+    assert set(printed) == sections
 
 
 def test_config_errors_exit_2_with_the_valid_keys(capsys, tmp_path):

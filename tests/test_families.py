@@ -11,7 +11,6 @@ from critic_step_worker import critic_for
 from family_step_worker import family as declared_family
 
 
-@pytest.mark.slow
 def run_on_1_and_2(worker: str, family: str, launcher: str, tmp_path) -> tuple[dict, dict]:
     """A step worker's results as one plain process and as 2 launched ranks (their world sizes checked)."""
     path = str(REPO / "tests" / worker)
@@ -26,6 +25,7 @@ def run_on_1_and_2(worker: str, family: str, launcher: str, tmp_path) -> tuple[d
     return one, two
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "launcher, family",
     [
@@ -89,7 +89,7 @@ def test_every_family_trains_on_2_processes_with_identical_weights(tiny_override
     )
     assert_ranks_agree(
         tmp_path,
-        ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix", "cyclegan"],
+        ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix", "cyclegan", "classifier"],
         proc,
         samples_at=3,
     )

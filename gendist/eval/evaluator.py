@@ -1,5 +1,5 @@
 """FID, KID and the held-out scores of the families (VAE reconstruction error, pix2pix inpainting,
-CycleGAN translation), computed across ranks.
+CycleGAN translation, attribute classification), computed across ranks.
 
 Every call is collective. Sample i of the generated set comes from noise row i of one seeded
 tensor, each rank generates and embeds a contiguous share, and the features are gathered in
@@ -9,6 +9,8 @@ quantised to uint8 levels like the real ones (and like a PNG on disk) before Inc
 
 from __future__ import annotations
 
+import io
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -20,21 +22,35 @@ from accelerate import Accelerator
 
 from gendist import distributed
 from gendist.config import RunConfig
-from gendist.data.loader import read_in_order
+from gendist.data.loader import _Counters, _split_layout, _tar_samples, read_in_order
 from gendist.data.masks import eval_keys, mask_batch
+from gendist.data.shards import read_manifest
 from gendist.eval import reference as ref_cache
 from gendist.eval.inception import FidInception, weights_id
 from gendist.eval.inpainting import PROTOCOL as INPAINTING_PROTOCOL
 from gendist.eval.inpainting import from_uint8_hwc, inpainting_metrics, mean_fill, quantize, telea_fill
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
-from gendist.families.base import Complete, Generate, Reconstruct, Translate
+from gendist.families.base import Classify, Complete, Generate, Reconstruct, Translate
 from gendist.progress import append_jsonl, read_jsonl
 
 EVAL_LOG = "eval.jsonl"
 INPAINTING_METHODS = ("model", "telea", "mean_fill")  # the family's completion, then the in-run baselines
 INPAINTING_METRICS = ("psnr", "ssim", "l1_hole")
 # what a log line shows of an evaluation row
-SHOWN = ("fid", "kid", "kid_std", "recon_mse", "psnr_model", "psnr_telea", "psnr_mean_fill", "completed_fid")
+SHOWN = (
+    "fid",
+    "kid",
+    "kid_std",
+    "recon_mse",
+    "psnr_model",
+    "psnr_telea",
+    "psnr_mean_fill",
+    "completed_fid",
+    "attr_mean_accuracy",
+    "attr_mean_accuracy_majority",
+    "attr_mean_balanced_accuracy",
+    "attr_mean_balanced_accuracy_majority",
+)
 PROTOCOL = "pytorch-fid InceptionV3 pool3 (2048-d), bilinear resize to 299x299, images quantised to uint8"
 TRANSLATION_PROTOCOL = (
     "the first eval.recon_images images of each source domain's eval.recon_split.SRC split, translated "
@@ -43,13 +59,21 @@ TRANSLATION_PROTOCOL = (
     "process); cycle_l1_SRC: mean |back(forward(x)) - x| per pixel in [0, 1], forward(x) quantised before it "
     "is translated back"
 )
+ATTRIBUTE_PROTOCOL = (
+    "the first eval.recon_images images of eval.recon_split (shard order) with their labels; an attribute is "
+    "predicted present where its logit > 0; per attribute, accuracy and balanced accuracy (TPR + TNR) / 2, "
+    "the latter undefined (null) where the held-out images hold one class only and left out of its mean "
+    "(attr_balanced_undefined names those); means are unweighted over the attributes; _majority: always "
+    "predicting each attribute's majority value in data.split (ties: absent), scored on the same images "
+    "(a constant's balanced accuracy is 0.5 wherever defined)"
+)
 # a one-line summary also shows each translation direction's FID, its identity baseline and the cycle error
 SHOWN_TRANSLATION_PREFIXES = ("fid_", "cycle_l1_")
 
 
 def shown_keys(row: dict) -> list[str]:
     """The numbers a one-line summary of an evaluation row shows, in order."""
-    return [k for k in SHOWN if k in row] + [k for k in row if k.startswith(SHOWN_TRANSLATION_PREFIXES)]
+    return [k for k in SHOWN if row.get(k) is not None] + [k for k in row if k.startswith(SHOWN_TRANSLATION_PREFIXES)]
 
 
 def quantised(images: torch.Tensor) -> torch.Tensor:
@@ -84,7 +108,9 @@ class Evaluator:
         self.stats_dir = cfg.eval.stats_dir or str(Path(cfg.data.cache_dir).expanduser() / "fid_stats")
         self._inception: FidInception | None = None
         self._references: dict[str, ref_cache.Reference] = {}  # by split: eval.split's, a translation target's
-        self._held_out: dict[str, np.ndarray | str] = {}  # by split: held-out images, or why there are none
+        # by split: held-out images and their attributes, or why there are none
+        self._held_out: dict[str, tuple[np.ndarray, np.ndarray] | str] = {}
+        self._training_positives: tuple[np.ndarray, int] | None = None  # per attribute of data.split, of images
         # (source, target) -> the untranslated sources' FID/KID (rank 0; {} elsewhere): they never change
         self._identity: dict[tuple[str, str], dict] = {}
 
@@ -182,13 +208,15 @@ class Evaluator:
         reconstruct: Reconstruct | None = None,
         complete: Complete | None = None,
         translate: dict[tuple[str, str], Translate] | None = None,
+        classify: Classify | None = None,
+        classify_attributes: list[str] | None = None,
     ) -> dict:
         """One evaluation; returns the row (on every rank) that rank 0 appends to eval.jsonl."""
         timer = Timer(self.device)
         # eval.split's statistics serve the noise samples and the completions; a translation family
-        # is scored against its target domains' statistics only
-        only_translation = bool(translate) and generate is None and complete is None
-        reference = None if only_translation else self.reference(timer)
+        # is scored against its target domains' statistics only, a classifier against labels
+        needs_reference = generate is not None or complete is not None
+        reference = self.reference(timer) if needs_reference else None
         row: dict = {}
         if generate is not None:
             row.update(self._generated(generate, reference, timer))
@@ -198,8 +226,12 @@ class Evaluator:
             row.update(self._inpainting(complete, reference, timer))
         if translate:
             row.update(self._translations(translate, timer))
+        if classify is not None:
+            row.update(self._attributes(classify, classify_attributes or [], timer))
         row = distributed.broadcast_from_main(self.accelerator, row)
-        if reference is None:  # the target domains' references, and the translations scored against them
+        if reference is None and not translate:  # labels only: no Inception, no reference statistics
+            protocol = self.label_protocol(generator_label, row.get("attr_images", 0))
+        elif reference is None:  # the target domains' references, and the translations scored against them
             translated = list(row["translation_images"].values())
             references = [self.reference(timer, split) for split in self._targets(translate)]
             protocol = self.protocol(references, generator_label, sum(translated), translated)
@@ -282,19 +314,22 @@ class Evaluator:
             row.update(self._distances(gathered, reference, timer, prefix="completed_"))
         return row
 
-    def _held_out_images(self, split: str | None = None) -> np.ndarray | str:
-        """The first eval.recon_images images of `split` (default eval.recon_split), read once per run;
-        or why there are none."""
+    def _held_out_set(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray] | str:
+        """The first eval.recon_images images of `split` (default eval.recon_split) and their attributes
+        (N, A, +-1), read once per run; or why there are none."""
         ev = self.cfg.eval
         split = split or ev.recon_split
         if split not in self._held_out:
             try:
-                self._held_out[split] = read_in_order(
-                    self.shard_dir, split, self.cfg.model.image_size, ev.recon_images
-                )[0]
+                images, attrs, _ = read_in_order(self.shard_dir, split, self.cfg.model.image_size, ev.recon_images)
+                self._held_out[split] = images, attrs
             except ValueError as err:  # e.g. a dataset without a held-out split: say so in the row
                 self._held_out[split] = str(err)
         return self._held_out[split]
+
+    def _held_out_images(self, split: str | None = None) -> np.ndarray | str:
+        held_out = self._held_out_set(split)
+        return held_out if isinstance(held_out, str) else held_out[0]
 
     def _reconstruction(self, reconstruct: Reconstruct, timer: Timer) -> dict:
         """Mean squared error per pixel (values in [0, 1]) of reconstructions of held-out images."""
@@ -311,6 +346,87 @@ class Evaluator:
                 squared += (recon - real).double().pow(2).sum()
         total = distributed.sum_across_ranks(self.accelerator, squared).item()
         return {"recon_mse": total / images.size, "recon_images": len(images), "recon_split": ev.recon_split}
+
+    # -- attribute classification --------------------------------------------------------------
+    def training_positives(self) -> tuple[np.ndarray, int]:
+        """Per attribute of the data (manifest order), the images of data.split labelled present, and
+        the images counted: read once per process from the shards' attribute members alone (the
+        images are seeked over); unreadable samples are left out."""
+        if self._training_positives is None:
+            manifest, shards = _split_layout(self.shard_dir, self.cfg.data.split, self.cfg.model.image_size)
+            width = len(manifest["attribute_names"])
+            positives, total, counters = np.zeros(width, dtype=np.int64), 0, _Counters()
+            for shard in shards:
+                for _, sample in _tar_samples(shard.path, 0, sys.maxsize, counters, frozenset({"attrs.npy"})):
+                    try:
+                        attrs = np.load(io.BytesIO(sample["attrs.npy"]), allow_pickle=False).reshape(-1, width)
+                    except Exception:  # any damage in a sample's bytes
+                        continue
+                    positives += (attrs > 0).sum(axis=0)
+                    total += len(attrs)
+            self._training_positives = positives, total
+        return self._training_positives
+
+    def _attributes(self, classify: Classify, names: list[str], timer: Timer) -> dict:
+        """Accuracy and balanced accuracy of `classify` on the held-out images' labels, next to the
+        majority baseline (ATTRIBUTE_PROTOCOL); the held-out images are split over the ranks and the
+        counts summed."""
+        ev = self.cfg.eval
+        held_out = self._held_out_set()
+        if isinstance(held_out, str):
+            return {"attr_skipped": held_out}
+        images, attrs = held_out
+        available = read_manifest(self.shard_dir)["attribute_names"]
+        missing = [name for name in names if name not in available]
+        if missing or not names:
+            raise ValueError(f"the classifier predicts {missing or 'no attributes'}; {self.shard_dir} has: {available}")
+        truth = attrs[:, [available.index(name) for name in names]] > 0
+        start, end = self._share(len(images))
+        hits = torch.zeros(2, len(names), dtype=torch.float64, device=self.device)  # true positives, negatives
+        with timer.phase("classify"), torch.no_grad():
+            for i in range(start, end, ev.batch_size):
+                stop = min(i + ev.batch_size, end)
+                logits = classify(unit_range(images[i:stop], self.device) * 2 - 1)
+                if logits.shape != (stop - i, len(names)):
+                    raise ValueError(f"classify gave logits of {tuple(logits.shape)} for {stop - i} images, {names}")
+                predicted, present = logits > 0, torch.from_numpy(truth[i:stop]).to(self.device)
+                hits[0] += (predicted & present).sum(dim=0)
+                hits[1] += (~predicted & ~present).sum(dim=0)
+        true_positives, true_negatives = distributed.sum_across_ranks(self.accelerator, hits).cpu().numpy()
+        positives = truth.sum(axis=0).astype(np.float64)
+        negatives = len(truth) - positives
+        train_positives, train_images = self.training_positives()
+        majority = train_positives[[available.index(name) for name in names]] * 2 > train_images
+        defined = (positives > 0) & (negatives > 0)
+
+        def scores(tp: np.ndarray, tn: np.ndarray, suffix: str) -> dict:
+            accuracy = (tp + tn) / len(truth)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                balanced = (tp / positives + tn / negatives) / 2
+            per_name = [None if not ok else float(value) for ok, value in zip(defined, balanced)]
+            return {
+                f"attr_mean_accuracy{suffix}": float(accuracy.mean()),
+                f"attr_mean_balanced_accuracy{suffix}": float(balanced[defined].mean()) if defined.any() else None,
+                f"attr_accuracy{suffix}": dict(zip(names, map(float, accuracy))),
+                f"attr_balanced_accuracy{suffix}": dict(zip(names, per_name)),
+            }
+
+        row = {
+            **scores(true_positives, true_negatives, ""),
+            **scores(np.where(majority, positives, 0.0), np.where(majority, 0.0, negatives), "_majority"),
+            "attr_positive_rate": dict(zip(names, map(float, positives / len(truth)))),
+            "attr_train_positive_rate": dict(
+                zip(names, (float(train_positives[available.index(name)] / train_images) for name in names))
+            ),
+            "attr_images": len(truth),
+            "attr_split": ev.recon_split,
+            "attr_majority_split": self.cfg.data.split,
+            "attr_majority_images": train_images,
+            "attr_protocol": ATTRIBUTE_PROTOCOL,
+        }
+        if not defined.all():
+            row["attr_balanced_undefined"] = [name for name, ok in zip(names, defined) if not ok]
+        return row
 
     # -- translation ---------------------------------------------------------------------------
     def _targets(self, translate: dict[tuple[str, str], Translate]) -> list[str]:
@@ -374,6 +490,17 @@ class Evaluator:
         if back is not None:
             scores[f"cycle_l1_{src}"] = cycle
         return scores
+
+    def label_protocol(self, generator_label: str, images: int) -> dict:
+        """What a row scored against labels alone (a classifier's) was measured on: no samples, no Inception."""
+        return {
+            "generated": 0,
+            "generator": generator_label,
+            "reference_split": self.cfg.eval.recon_split,
+            "reference_images": images,
+            "inception": "not used",
+            "shards": self.shard_dir,
+        }
 
     def protocol(
         self, references: list[ref_cache.Reference], generator_label: str, generated: int, sizes: list[int]

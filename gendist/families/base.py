@@ -28,6 +28,8 @@ Reconstruct = Callable[[torch.Tensor], torch.Tensor]
 Complete = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # images of one domain in [-1, 1] -> their translation into the other domain, in [-1, 1]
 Translate = Callable[[torch.Tensor], torch.Tensor]
+# real images in [-1, 1] -> logits (B, A) over the family's attributes; > 0 predicts present
+Classify = Callable[[torch.Tensor], torch.Tensor]
 Stats = dict[str, torch.Tensor | float]
 
 
@@ -110,6 +112,9 @@ class Sampling:
     # translation families (CycleGAN): (source domain, target domain) -> the translator, both ways;
     # a domain D of split S is the shard split "S.D" (gendist shards domains)
     translate: dict[tuple[str, str], Translate] | None = None
+    # attribute classifiers: the logits and the data's attribute names they predict, column by column
+    classify: Classify | None = None
+    classify_attributes: list[str] | None = None
 
 
 @dataclass

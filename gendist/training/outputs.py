@@ -42,7 +42,14 @@ class Outputs:
         sampling = self.sampling
         with in_eval_mode(self.modules):
             row = self.evaluator.evaluate(
-                sampling.generate, step, sampling.label, sampling.reconstruct, sampling.complete, sampling.translate
+                sampling.generate,
+                step,
+                sampling.label,
+                sampling.reconstruct,
+                sampling.complete,
+                sampling.translate,
+                sampling.classify,
+                sampling.classify_attributes,
             )
         row["images_seen"] = images_seen
         row["source"] = "training"

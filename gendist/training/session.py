@@ -103,11 +103,11 @@ class Session:
         if not self.cfg.eval.every:
             return
         evaluator, ev = self.outputs.evaluator, self.cfg.eval
-        if sampling.translate and sampling.generate is None and sampling.complete is None:
-            for _, target in sampling.translate:  # a translation family scores against its target domains
-                evaluator.reference(split=f"{ev.split}.{target}")
-        else:
+        if sampling.generate is not None or sampling.complete is not None:
             evaluator.reference()
+        elif sampling.translate:  # a translation family scores against its target domains
+            for _, target in sampling.translate:
+                evaluator.reference(split=f"{ev.split}.{target}")
 
     def resume(self) -> None:
         """Record the config, load the latest readable checkpoint, if any, and start reporting. Rows
