@@ -188,9 +188,12 @@ def run(args: argparse.Namespace) -> int:
         for path, image in zip(args.image, dreamed):
             name = f"{Path(path).stem}_{layer.replace(':', '_')}.png"
             save_image(image, out / name, normalize=True, value_range=(-1, 1))
-        print(
-            f"{layer}: objective {before.mean():.4g} -> {after.mean():.4g} ({(after / before).mean():.2f}x per image)"
+        change = (  # a logit may start negative: its rise, not a ratio
+            f"+{(after - before).mean():.3g} per image"
+            if layer.startswith("logit:")
+            else f"{(after / before).mean():.2f}x per image"
         )
+        print(f"{layer}: objective {before.mean():.4g} -> {after.mean():.4g} ({change})")
         columns.append(dreamed)
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # per image: the original, then each layer's dream
     save_image(grid, out / "grid.png", nrow=len(columns), normalize=True, value_range=(-1, 1))
