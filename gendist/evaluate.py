@@ -70,16 +70,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
     accelerator = distributed.build_accelerator("no")
     shard_dir = resolve_shards(cfg, accelerator)
     sampling, state = load_sampling(cfg, checkpoint, accelerator, read_manifest(shard_dir)["attribute_names"])
-    row = Evaluator(cfg, accelerator, shard_dir).evaluate(
-        sampling.generate,
-        state["step"],
-        sampling.label,
-        sampling.reconstruct,
-        sampling.complete,
-        sampling.translate,
-        sampling.classify,
-        sampling.classify_attributes,
-    )
+    row = Evaluator(cfg, accelerator, shard_dir).evaluate_sampling(sampling, state["step"])
     row.update(images_seen=state["images_seen"], source="gendist eval", checkpoint=str(checkpoint))
     if accelerator.is_main_process:
         append_row(run_dir, row)

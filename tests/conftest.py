@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from PIL import Image
 
 from gendist.data.shards import Preprocess, write_domains, write_shards
 from gendist.data.synthetic import SyntheticFacesSource
+from gendist.training.session import Session
 
 ATTRS = [
     "5_o_Clock_Shadow",
@@ -223,3 +225,21 @@ def launch(
     proc = subprocess.run([*cmd, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     (out / f"{kind}.log").write_text(proc.stdout + proc.stderr)
     return proc
+
+
+@contextlib.contextmanager
+def stop_requested_at(step: int):
+    """Inside: a training run gets a stop request (as SIGTERM gives) during step `step`, so it
+    checkpoints there and ends, with train.steps (and a schedule derived from it) unchanged."""
+    step_done = Session.step_done
+
+    def requesting(session, values):
+        if session.state.step == step - 1:
+            session.stop_requests.received.append("SIGTERM")
+        step_done(session, values)
+
+    Session.step_done = requesting
+    try:
+        yield
+    finally:
+        Session.step_done = step_done

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import RANDOM_EVAL, REPO, TINY, assert_same_weights, launch
+from conftest import RANDOM_EVAL, REPO, TINY, assert_same_weights, launch, stop_requested_at
 
 from gendist.cli import main as cli_main
 from gendist.config import ConfigError, load_config
@@ -22,7 +22,6 @@ from gendist.models.classifier import AttributeClassifier
 from gendist.progress import read_jsonl
 from gendist.sweep import load_sweep
 from gendist.training.loop import train
-from gendist.training.session import Session
 
 CLASSIFIER = ["model.name=classifier"]
 MEANS = [
@@ -60,7 +59,7 @@ def test_the_cosine_schedule_starts_at_the_rate_and_ends_near_zero():
     assert factor(1) == 1.0 and factor(6) == pytest.approx(0.5) and 0 < factor(10) < 0.03
 
 
-def test_stopped_and_resumed_equals_straight_with_grids(tiny_overrides, tmp_path, monkeypatch):
+def test_stopped_and_resumed_equals_straight_with_grids(tiny_overrides, tmp_path):
     """8 steps straight vs stopped at 4 (a stop request, as SIGTERM gives: the cosine rate depends on
     train.steps, so the run is not shortened) and resumed: bit-identical classifier and EMA, the same
     train state (an epoch of 7 batches: the resume crosses it, two loader workers); loss and accuracy
@@ -75,16 +74,8 @@ def test_stopped_and_resumed_equals_straight_with_grids(tiny_overrides, tmp_path
         "train.log_every=1",
     ]
     straight = train(load_config(None, [*common, f"train.run_dir={tmp_path / 'a'}"]))
-    step_done = Session.step_done
-
-    def stop_at_4(session, values):
-        if session.state.step == 3:
-            session.stop_requests.received.append("SIGTERM")
-        step_done(session, values)
-
-    monkeypatch.setattr(Session, "step_done", stop_at_4)
-    assert train(load_config(None, [*common, f"train.run_dir={tmp_path / 'b'}"])).state.step == 4
-    monkeypatch.setattr(Session, "step_done", step_done)
+    with stop_requested_at(4):
+        assert train(load_config(None, [*common, f"train.run_dir={tmp_path / 'b'}"])).state.step == 4
     resumed = train(load_config(None, [*common, f"train.run_dir={tmp_path / 'b'}"]))
     assert resumed.state.step == 8 and resumed.state.position().epoch == 1
     assert dataclasses.replace(straight.state, train_seconds=0.0) == dataclasses.replace(

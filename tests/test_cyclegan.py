@@ -3,7 +3,7 @@ decay, exact resume after a stop, its grids and its refusals."""
 
 import pytest
 import torch
-from conftest import assert_same_weights
+from conftest import assert_same_weights, stop_requested_at
 from PIL import Image
 
 from gendist import families
@@ -14,7 +14,6 @@ from gendist.families.base import FamilyInputs
 from gendist.families.cyclegan import linear_decay
 from gendist.progress import read_jsonl
 from gendist.training.loop import train
-from gendist.training.session import Session
 
 NETWORKS = ("generator_ab", "generator_ba", "discriminator_a", "discriminator_b")
 CYCLEGAN = ["model.name=cyclegan", "cyclegan.domains=[not_Male,Male]", "cyclegan.blocks=2", "cyclegan.pool_size=4"]
@@ -27,24 +26,16 @@ def test_learning_rates_stay_then_decay_linearly_to_the_last_step():
     assert linear_decay(10, 1.0)(10) == 1.0
 
 
-def test_stopped_and_resumed_equals_straight_with_pools_and_schedule(tiny_overrides, tmp_path, monkeypatch):
+def test_stopped_and_resumed_equals_straight_with_pools_and_schedule(tiny_overrides, tmp_path):
     """6 steps straight vs stopped at 3 (a stop request, as SIGTERM gives) and resumed: bit-identical
     networks. The pools (4 images, batches of 8) are full after the first step, so later steps draw
     from them; the learning rates decay from step 3 on."""
     common = [*tiny_overrides, *CYCLEGAN, "train.steps=6", "train.log_every=1", "train.sample_every=6"]
     straight = train(load_config(None, [*common, f"train.run_dir={tmp_path / 'a'}"]))
 
-    step_done = Session.step_done
-
-    def stop_at_3(session, values):
-        if session.state.step == 2:
-            session.stop_requests.received.append("SIGTERM")
-        step_done(session, values)
-
-    monkeypatch.setattr(Session, "step_done", stop_at_3)
-    stopped = train(load_config(None, [*common, f"train.run_dir={tmp_path / 'b'}"]))
+    with stop_requested_at(3):
+        stopped = train(load_config(None, [*common, f"train.run_dir={tmp_path / 'b'}"]))
     assert stopped.state.step == 3
-    monkeypatch.setattr(Session, "step_done", step_done)
     resumed = train(load_config(None, [*common, f"train.run_dir={tmp_path / 'b'}"]))
     assert resumed.state.step == 6 and resumed.state.positions.keys() == {"a", "b"}
     assert resumed.state.positions == straight.state.positions

@@ -30,7 +30,7 @@ from gendist.eval.inception import FidInception, weights_id
 from gendist.eval.inpainting import PROTOCOL as INPAINTING_PROTOCOL
 from gendist.eval.inpainting import from_uint8_hwc, inpainting_metrics, mean_fill, quantize, telea_fill
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
-from gendist.families.base import Classify, Complete, Generate, Reconstruct, Translate
+from gendist.families.base import Classify, Complete, Generate, Reconstruct, Sampling, Translate
 from gendist.progress import append_jsonl, read_jsonl
 
 EVAL_LOG = "eval.jsonl"
@@ -200,6 +200,19 @@ class Evaluator:
             return [self._gather(found, total) for found in features]
 
     # -- the generated side --------------------------------------------------------------------
+    def evaluate_sampling(self, sampling: Sampling, step: int) -> dict:
+        """`evaluate` with what a family's Sampling says to score (training and gendist eval alike)."""
+        return self.evaluate(
+            sampling.generate,
+            step,
+            sampling.label,
+            sampling.reconstruct,
+            sampling.complete,
+            sampling.translate,
+            sampling.classify,
+            sampling.classify_attributes,
+        )
+
     def evaluate(
         self,
         generate: Generate | None,

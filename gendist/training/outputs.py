@@ -39,18 +39,8 @@ class Outputs:
 
     def evaluate(self, step: int, images_seen: int) -> tuple[dict, str]:
         """Collective: the evaluation row of `step` (appended to eval.jsonl) and its summary line."""
-        sampling = self.sampling
         with in_eval_mode(self.modules):
-            row = self.evaluator.evaluate(
-                sampling.generate,
-                step,
-                sampling.label,
-                sampling.reconstruct,
-                sampling.complete,
-                sampling.translate,
-                sampling.classify,
-                sampling.classify_attributes,
-            )
+            row = self.evaluator.evaluate_sampling(self.sampling, step)
         row["images_seen"] = images_seen
         row["source"] = "training"
         if self.accelerator.is_main_process:
