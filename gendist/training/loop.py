@@ -82,9 +82,9 @@ def train(cfg: RunConfig) -> TrainResult:
         apply_hyperparameters(updates[network.name].optimizer, network.lr, cfg.optim)
     session.attach(family.sampling(bare))
     phase_updates = [
-        updates[phase.network]
-        if isinstance(phase.network, str)
-        else engines.JointUpdate(session.accelerator, [updates[name] for name in phase.network])
+        updates[phase.updated[0]]
+        if len(phase.updated) == 1
+        else engines.JointUpdate(session.accelerator, [updates[name] for name in phase.updated])
         for phase in family.phases
     ]
     scheduled = [network for network in family.networks if network.lr_factor is not None]
