@@ -1,11 +1,12 @@
-"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, translate, dream, compare and sweep."""
+"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, translate, augment, dream, compare
+and sweep."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import dream, evaluate, sweep, train, translate
+from gendist import augment, dream, evaluate, sweep, train, translate
 from gendist.config import parse_args_with_overrides
 from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, verify_shards, write_domains, write_shards
 from gendist.data.sources import CelebASource, FolderSource, parse_carve
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
             "translate", help="apply a translation run (cyclegan) to a folder of images or a shard split"
         )
     )
+    augment.add_augment_arguments(
+        commands.add_parser(
+            "augment", help="export a run's generated (cgan) or translated (cyclegan) faces as a split of a shard set"
+        )
+    )
     dream.add_dream_arguments(
         commands.add_parser("dream", help="Deep Dream: amplify what a layer of a trained network responds to")
     )
@@ -173,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         return evaluate.run(evaluate.build_reference, args)
     if args.command == "translate":
         return translate.run(args)
+    if args.command == "augment":
+        return augment.run(args)
     if args.command == "dream":
         return dream.run(args)
     try:

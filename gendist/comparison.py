@@ -21,6 +21,7 @@ from gendist.config import RunConfig, load_config
 from gendist.eval.evaluator import read_rows
 from gendist.families.base import FamilyInputs
 from gendist.progress import read_jsonl
+from gendist.trained import trained_attribute_names
 
 LOSS_KEYS = ("loss_d", "loss_g", "wasserstein", "gradient_penalty", "loss", "recon", "kl")
 
@@ -61,9 +62,9 @@ def load_run(path: Path, name: str) -> RunSummary:
     return summary
 
 
-def parameter_counts(cfg: RunConfig) -> str:
+def parameter_counts(run: RunSummary) -> str:
     """Parameters per network, e.g. `generator 3.58M / discriminator 2.77M`."""
-    family = families.declare(FamilyInputs(cfg, list(cfg.model.attributes)))
+    family = families.declare(FamilyInputs(run.cfg, trained_attribute_names(run.path, run.cfg)))
     return " / ".join(
         f"{network.name} {sum(p.numel() for p in network.module.parameters()) / 1e6:.2f}M"
         for network in family.networks
@@ -90,7 +91,7 @@ def table(runs: list[RunSummary]) -> list[str]:
         speed = f"{counters.get('images_seen', 0) / seconds:.1f}" if seconds else "n/a"
         lines.append(
             f"| {run.name} | {run.cfg.model.name} | {fid} | {kid} | {recon} | {counters.get('step', 0)} | "
-            f"{counters.get('images_seen', 0):,} | {_minutes(seconds)} | {speed} | {parameter_counts(run.cfg)} |"
+            f"{counters.get('images_seen', 0):,} | {_minutes(seconds)} | {speed} | {parameter_counts(run)} |"
         )
     if marks:
         lines.append("")
@@ -100,6 +101,81 @@ def table(runs: list[RunSummary]) -> list[str]:
         )
         for key, mark in marks.items():
             lines.append(f"- {mark}: reference {key[0]}, {key[1]} generated images, Inception {key[2]}")
+    return lines
+
+
+def _pair(row: dict, first: str, second: str) -> str | None:
+    if row.get(first) is None:
+        return None
+    return f"{row[first]:.3f} / {row[second]:.3f}"
+
+
+def _with_baselines(row: dict, key: str, *baselines: str) -> str | None:
+    if row.get(key) is None:
+        return None
+    return f"{row[key]:.3f} (" + " / ".join(f"{row[b]:.3f}" for b in baselines) + ")"
+
+
+def _directions(row: dict, prefix: str, baseline: str = "") -> str | None:
+    """Each translation direction's `prefix` score (and its `baseline` suffix), e.g. `A→B 0.62 (0.05)`."""
+    cells = [
+        f"{key.removeprefix(prefix).replace('_to_', '→')} {value:.3f}"
+        + (f" ({row[key + baseline]:.3f})" if baseline else "")
+        for key, value in row.items()
+        if key.startswith(prefix) and isinstance(value, float) and not key.endswith(("_identity", "_skipped"))
+    ]
+    return "; ".join(cells) or None
+
+
+# the scores beside FID, each with its in-run baseline: (column, cell of the latest evaluation row)
+OTHER_SCORES = [
+    ("precision / recall (FID features)", lambda r: _pair(r, "precision", "recall")),
+    ("FD_face †", lambda r: None if r.get("fd_face") is None else f"{r['fd_face']:.4g}"),
+    ("precision / recall (face features †)", lambda r: _pair(r, "precision_face", "recall_face")),
+    (
+        "asked attributes judged present (real / shuffled labels)",
+        lambda r: _with_baselines(
+            r, "cond_attr_mean_accuracy", "cond_attr_mean_accuracy_real", "cond_attr_mean_accuracy_shuffled"
+        ),
+    ),
+    ("translations judged in the target (untranslated)", lambda r: _directions(r, "flip_rate_", "_identity")),
+    ("other attributes kept", lambda r: _directions(r, "kept_")),
+    ("cycle L1", lambda r: _directions(r, "cycle_l1_")),
+    (
+        "attribute accuracy (majority) / balanced (majority)",
+        lambda r: (
+            None
+            if r.get("attr_mean_accuracy") is None
+            else f"{r['attr_mean_accuracy']:.3f} ({r['attr_mean_accuracy_majority']:.3f}) / "
+            f"{r['attr_mean_balanced_accuracy']:.3f} ({r['attr_mean_balanced_accuracy_majority']:.3f})"
+        ),
+    ),
+]
+
+
+def other_scores(runs: list[RunSummary]) -> list[str]:
+    """A table of the latest evaluation's scores beside FID, the columns some run has; [] if none."""
+    latest = {run.name: max(run.evals, key=lambda row: row["step"]) if run.evals else {} for run in runs}
+    cells = {run.name: [cell(latest[run.name]) for _, cell in OTHER_SCORES] for run in runs}
+    shown = [i for i in range(len(OTHER_SCORES)) if any(cells[run.name][i] for run in runs)]
+    if not shown:
+        return []
+    lines = [
+        "| run | " + " | ".join(OTHER_SCORES[i][0] for i in shown) + " |",
+        "|---|" + "---|" * len(shown),
+    ]
+    for run in runs:
+        lines.append(f"| {run.name} | " + " | ".join(cells[run.name][i] or "-" for i in shown) + " |")
+    judges = {json.dumps(row["judge"], sort_keys=True) for row in latest.values() if "judge" in row}
+    if judges:
+        lines += [
+            "",
+            "† in the features of gendist's own face classifier (eval.classifier): not comparable with FID "
+            "or any published number. Judge" + ("s" if len(judges) > 1 else "") + ":",
+        ]
+        lines += [
+            f"- `{json.loads(j)['run']}` ({json.loads(j)['network']}, step {json.loads(j)['step']})" for j in judges
+        ]
     return lines
 
 
@@ -172,6 +248,9 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path, title: str = "
     plot_fid(runs, out / "fid.png")
     plot_grids(runs, out / "samples.png")
     lines = [f"# {title}", "", *table(runs), ""]
+    scores = other_scores(runs)
+    if scores:
+        lines += ["## Beside FID (latest evaluation of each run)", "", *scores, ""]
     protocols = {json.dumps(run.latest_eval["protocol"], sort_keys=True): run.name for run in runs if run.latest_eval}
     if protocols:
         lines += ["FID/KID protocol" + (" (all runs)" if len(protocols) == 1 else "s") + ":", ""]

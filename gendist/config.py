@@ -153,6 +153,10 @@ class EvalConfig:
     kid_subset_size: int = 1000
     recon_split: str = "val"  # VAE, pix2pix: held-out split for reconstruction / inpainting scores
     recon_images: int = 2000  # VAE, pix2pix: first N images of recon_split; 0 = all
+    pr_k: int = 3  # precision/recall of generated images: k of the k-NN manifolds; 0 = off
+    # a classifier run folder (model.name=classifier) that judges the faces: FD in its features,
+    # cGAN attribute accuracy, CycleGAN flip rates (gendist.eval.judge); "" = none
+    classifier: str = ""
 
 
 @dataclass

@@ -129,6 +129,19 @@ def sum_across_ranks(accelerator: Accelerator, values: torch.Tensor) -> torch.Te
     return values
 
 
+def broadcast_rows(accelerator: Accelerator, rows: np.ndarray | None) -> np.ndarray:
+    """Rank 0's float32 array (None elsewhere) on every rank, as a tensor broadcast: no pickling."""
+    if accelerator.num_processes == 1:
+        return rows
+    shape = broadcast_from_main(accelerator, None if rows is None else rows.shape)
+    if accelerator.is_main_process:
+        tensor = torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(accelerator.device)
+    else:
+        tensor = torch.empty(shape, dtype=torch.float32, device=accelerator.device)
+    torch_dist.broadcast(tensor, src=0)
+    return tensor.cpu().numpy()
+
+
 def broadcast_from_main(accelerator: Accelerator, obj: Any) -> Any:
     """Rank 0's picklable `obj` on every rank."""
     if accelerator.num_processes == 1:

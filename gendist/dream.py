@@ -28,12 +28,12 @@ from PIL import Image
 from torch import nn
 from torchvision.utils import save_image
 
-from gendist import families
-from gendist.checkpoint import load_checkpoint
 from gendist.config import ConfigError, load_config
-from gendist.data.shards import Preprocess, read_manifest
-from gendist.evaluate import find_checkpoint
-from gendist.families.base import FamilyInputs, averaged
+from gendist.data.loader import read_attributes, read_in_order
+from gendist.data.shards import Preprocess
+from gendist.distributed import build_accelerator
+from gendist.trained import find_checkpoint, load_network, load_sampling, trained_attribute_names
+from gendist.training.stream import resolve_shards
 
 
 @dataclass(frozen=True)
@@ -122,29 +122,6 @@ def default_layers(network: nn.Module) -> list[str]:
     raise ConfigError(f"{type(network).__name__} has no stages: pick --layers among {', '.join(names)}")
 
 
-def load_network(
-    run_dir: Path, checkpoint: str | None, name: str | None, overrides: list[str]
-) -> tuple[nn.Module, int]:
-    """A run's trained network (its EMA copy where the checkpoint holds one) in eval mode, and its input size."""
-    cfg = load_config(run_dir / "config.yaml", overrides)
-    shared, _ = load_checkpoint(find_checkpoint(run_dir, checkpoint), 0)
-    try:
-        attribute_names = read_manifest(cfg.data.shards)["attribute_names"]
-    except (FileNotFoundError, ValueError):  # shards not on this machine: the config's attributes suffice
-        attribute_names = list(cfg.model.attributes)
-    declared = {network.name: network for network in families.declare(FamilyInputs(cfg, attribute_names)).networks}
-    name = name or next((n for n in ("classifier", "discriminator") if n in declared), None)
-    if name not in declared:
-        raise ConfigError(f"{run_dir} ({cfg.model.name}) has no network {name!r}; it has {', '.join(declared)}")
-    module = declared[name].module
-    module.load_state_dict(shared[name])
-    if f"{name}_ema" in shared:
-        ema = averaged(module)
-        ema.load_state_dict(shared[f"{name}_ema"])
-        module = ema.module
-    return module.eval(), cfg.model.image_size
-
-
 def read_images(paths: list[str], size: int) -> torch.Tensor:
     """Image files centre-cropped and resized as the converter does, in [-1, 1]."""
     preprocess = Preprocess(size)
@@ -155,9 +132,48 @@ def read_images(paths: list[str], size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
+def shard_images(shard_dir: str, split: str, count: int, size: int) -> torch.Tensor:
+    """The first `count` images of a split of a shard set, in [-1, 1]."""
+    images, _, _ = read_in_order(shard_dir, split, size, count)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def generated_images(run_dir: Path, count: int, size: int, seed: int) -> torch.Tensor:
+    """`count` samples of a generator run (seeded noise; a conditional one gets the first label rows
+    of its training split), in [-1, 1] at `size`."""
+    cfg = load_config(run_dir / "config.yaml")
+    accelerator = build_accelerator("no")
+    shard_dir = resolve_shards(cfg, accelerator)
+    sampling, _ = load_sampling(cfg, find_checkpoint(run_dir, None), accelerator, trained_attribute_names(run_dir, cfg))
+    if sampling.generate is None:
+        raise ConfigError(f"--generated {run_dir}: a {cfg.model.name} run generates no images from noise")
+    labels = torch.from_numpy(read_attributes(shard_dir, cfg.data.split, strict=False)[:count]).float()
+    noise = torch.randn(count, cfg.model.z_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        images = sampling.generate(noise, labels).float().clamp(-1, 1)
+    return images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="bilinear")
+
+
+def dream_inputs(args: argparse.Namespace, size: int) -> tuple[torch.Tensor, list[str]]:
+    """The images to dream on (--image files, --shards images, or --generated samples) and their names."""
+    if args.image:
+        return read_images(args.image, size), [Path(path).stem for path in args.image]
+    if args.shards:
+        images = shard_images(args.shards, args.split, args.count, size)
+        return images, [f"{args.split}_{i:04d}" for i in range(len(images))]
+    return generated_images(Path(args.generated), args.count, size, args.seed), [
+        f"sample_{i:04d}" for i in range(args.count)
+    ]
+
+
 def add_dream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run folder (config.yaml and checkpoints/)")
-    parser.add_argument("--image", nargs="+", required=True, help="image files to dream on")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", nargs="+", help="image files to dream on")
+    inputs.add_argument("--shards", help="a shard folder: dream on the first --count images of its --split")
+    inputs.add_argument("--generated", metavar="RUN", help="a generator run: dream on --count of its samples")
+    parser.add_argument("--split", default="val", help="with --shards: the split (default val)")
+    parser.add_argument("--count", type=int, default=8, help="with --shards or --generated: how many images")
     parser.add_argument("--out", required=True, help="output folder: one PNG per image and layer, and grid.png")
     parser.add_argument("--network", help="which of the run's networks (default: classifier, else discriminator)")
     parser.add_argument("--layers", help="comma-separated module names, or logit:I (default: the network's stages)")
@@ -170,11 +186,13 @@ def add_dream_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """`gendist dream`: each image dreamed for each layer; prints each objective before and after."""
     try:
-        network, size = load_network(Path(args.run_dir), args.checkpoint, args.network, [])
+        run_dir = Path(args.run_dir)
+        trained = load_network(run_dir, find_checkpoint(run_dir, args.checkpoint), args.network, [])
+        network, size = trained.module, trained.cfg.model.image_size
         layers = args.layers.split(",") if args.layers else default_layers(network)
         settings = DreamSettings(**{field: getattr(args, field) for field in vars(DreamSettings())})
-        images = read_images(args.image, size)
-    except (ConfigError, FileNotFoundError, OSError) as err:
+        images, names = dream_inputs(args, size)
+    except (ConfigError, FileNotFoundError, OSError, ValueError) as err:
         print(f"gendist dream: error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
@@ -185,9 +203,8 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             before = objective(network, images, layer, size, args.channel)
             after = objective(network, dreamed, layer, size, args.channel)
-        for path, image in zip(args.image, dreamed):
-            name = f"{Path(path).stem}_{layer.replace(':', '_')}.png"
-            save_image(image, out / name, normalize=True, value_range=(-1, 1))
+        for name, image in zip(names, dreamed):
+            save_image(image, out / f"{name}_{layer.replace(':', '_')}.png", normalize=True, value_range=(-1, 1))
         change = (  # a logit may start negative: its rise, not a ratio
             f"+{(after - before).mean():.3g} per image"
             if layer.startswith("logit:")
@@ -197,7 +214,5 @@ def run(args: argparse.Namespace) -> int:
         columns.append(dreamed)
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # per image: the original, then each layer's dream
     save_image(grid, out / "grid.png", nrow=len(columns), normalize=True, value_range=(-1, 1))
-    print(
-        f"wrote {len(args.image) * len(layers)} dreamed images and {out / 'grid.png'} (original | {' | '.join(layers)})"
-    )
+    print(f"wrote {len(names) * len(layers)} dreamed images and {out / 'grid.png'} (original | {' | '.join(layers)})")
     return 0

@@ -15,15 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from accelerate import Accelerator
-
-from gendist import distributed, families
-from gendist.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from gendist.config import ConfigError, RunConfig, load_config, parse_args_with_overrides
+from gendist import distributed
+from gendist.checkpoint import CheckpointError
+from gendist.config import ConfigError, load_config, parse_args_with_overrides
 from gendist.data.shards import read_manifest
 from gendist.eval.evaluator import Evaluator, append_row, shown_keys
 from gendist.eval.inception import InceptionWeightsError
-from gendist.families.base import FamilyInputs, Sampling, sampling_from_checkpoint
+from gendist.trained import find_checkpoint, load_sampling
 from gendist.training.stream import resolve_shards
 
 
@@ -39,27 +37,6 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def add_stats_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="experiment YAML: its data.shards and eval.* define the reference")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. eval.num_real=50000")
-
-
-def find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
-    """`checkpoint` if given, else the run's latest; refused unless complete."""
-    found = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if found is None or not (found / "state.pt").is_file():
-        raise FileNotFoundError(
-            f"no complete checkpoint in {run_dir / 'checkpoints'}"
-            if found is None
-            else f"{found} is not a complete checkpoint (no state.pt)"
-        )
-    return found
-
-
-def load_sampling(
-    cfg: RunConfig, checkpoint: Path, accelerator: Accelerator, attribute_names: list[str]
-) -> tuple[Sampling, dict]:
-    """The family's sampling with the checkpoint's networks on this rank's device, and the train state."""
-    shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
-    family = families.declare(FamilyInputs(cfg, attribute_names))
-    return sampling_from_checkpoint(family, shared, accelerator.device), shared["train_state"]
 
 
 def evaluate_run(args: argparse.Namespace) -> int:

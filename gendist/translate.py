@@ -33,8 +33,8 @@ from gendist.data.loader import decode_sample, read_samples
 from gendist.data.shards import MANIFEST, Preprocess, read_manifest
 from gendist.data.sources import FolderSource
 from gendist.eval.evaluator import quantised, unit_range
-from gendist.evaluate import find_checkpoint, load_sampling
 from gendist.families.base import Translate
+from gendist.trained import find_checkpoint, load_sampling
 from gendist.training.stream import resolve_shards
 
 DIRECTIONS = ("a_to_b", "b_to_a")

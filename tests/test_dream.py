@@ -60,3 +60,22 @@ def test_gendist_dream_on_a_run(tiny_overrides, tmp_path, capsys):
     assert Image.open(out / "grid.png").size[0] > 3 * 32  # original | net.1 | net.4
     assert cli_main(["dream", cfg.train.run_dir, "--image", str(image), "--out", str(out)]) == 2
     assert "has no stages: pick --layers among" in capsys.readouterr().err
+
+
+def test_gendist_dream_on_shard_images_and_on_generated_samples(tiny_overrides, synthetic_shards, tmp_path, capsys):
+    """The dreamer is a DCGAN's critic; the inputs are val images of the shards, then the run's own samples."""
+    cfg = load_config(None, [*tiny_overrides, "model.d_norm=layer", "train.steps=2"])
+    train(cfg)
+    quick = ["--layers", "net.1", "--octaves", "2", "--steps", "2", "--count", "3"]
+    out = tmp_path / "from_shards"
+    assert cli_main(["dream", cfg.train.run_dir, "--shards", str(synthetic_shards), "--out", str(out), *quick]) == 0
+    assert {p.name for p in out.iterdir()} == {*(f"val_{i:04d}_net.1.png" for i in range(3)), "grid.png"}
+    out = tmp_path / "from_samples"
+    assert cli_main(["dream", cfg.train.run_dir, "--generated", cfg.train.run_dir, "--out", str(out), *quick]) == 0
+    assert {p.name for p in out.iterdir()} == {*(f"sample_{i:04d}_net.1.png" for i in range(3)), "grid.png"}
+    assert "net.1: objective" in capsys.readouterr().out
+    classifier = tmp_path / "classifier"
+    train(load_config(None, [*tiny_overrides, "model.name=classifier", f"train.run_dir={classifier}", "train.steps=1"]))
+    args = ["dream", cfg.train.run_dir, "--generated", str(classifier), "--out", str(out), *quick]
+    assert cli_main(args) == 2
+    assert "a classifier run generates no images from noise" in capsys.readouterr().err

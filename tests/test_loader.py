@@ -12,7 +12,16 @@ import torch
 from PIL import Image
 
 import gendist.data.loader as loader_module
-from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, make_loader, read_in_order
+from gendist.data.loader import (
+    ShardStream,
+    StreamSpec,
+    batches_per_epoch,
+    make_loader,
+    read_attributes,
+    read_in_order,
+    read_range,
+    read_samples,
+)
 from gendist.data.shards import Preprocess, read_manifest, write_shards
 from gendist.data.sources import ImageSource, SplitPlan
 
@@ -325,3 +334,72 @@ def test_hflip_mirrors_some_images(synthetic_shards):
     same = [torch.equal(a, b) for a, b in zip(plain, flipped)]
     mirrored = [torch.equal(a.flip(-1), b) for a, b in zip(plain, flipped)]
     assert all(s or m for s, m in zip(same, mirrored)) and any(mirrored) and any(same)
+
+
+@pytest.fixture(scope="module")
+def two_splits(tmp_path_factory) -> Path:
+    """130 index images: 100 train and 30 carved val, raw blocks of 4, shards of 25."""
+    out = tmp_path_factory.mktemp("union") / "shards"
+    return index_shards(out, 130, images_per_sample=4, shard_size=25, carve={"val": 30})
+
+
+def test_a_union_of_splits_is_one_stream_over_both(two_splits, monkeypatch):
+    """ "train+val": both splits' images, each once per epoch (but the remainder), on 1-3 ranks x 1-2 workers."""
+    train_ids = set(indices_in_order(two_splits, "train"))
+    val_ids = set(indices_in_order(two_splits, "val"))
+    assert len(train_ids) == 100 and len(val_ids) == 30 and not train_ids & val_ids
+    for world in (1, 2, 3):
+        for num_workers in (1, 2):
+            reads = np.zeros(130, int)
+            for rank in range(world):
+                stream = ShardStream(index_spec(two_splits, split="train+val", rank=rank, world_size=world), 1)
+                assert stream.num_images == 130 and len(stream) == batches_per_epoch(130, world, 4)
+                np.add.at(
+                    reads,
+                    [i for run in as_workers(monkeypatch, stream, num_workers) for b in run for i in indices(b)],
+                    1,
+                )
+            assert reads.max() == 1 and (reads == 0).sum() == 130 % (world * 4), (world, num_workers)
+
+
+def indices_in_order(shards: Path, split: str) -> list[int]:
+    images, attrs, _ = read_in_order(str(shards), split, SIZE)
+    return indices({"images": torch.from_numpy(images).permute(0, 3, 1, 2), "attrs": torch.from_numpy(attrs)})
+
+
+def test_union_readers_give_the_first_split_then_the_second(two_splits):
+    train, val = indices_in_order(two_splits, "train"), indices_in_order(two_splits, "val")
+    assert indices_in_order(two_splits, "train+val") == train + val
+    assert indices_in_order(two_splits, "val+train") == val + train
+    samples = [sample["__key__"] for sample in read_samples(str(two_splits), "val+train")]
+    assert samples == [s["__key__"] for split in ("val", "train") for s in read_samples(str(two_splits), split)]
+    attrs = read_attributes(str(two_splits), "train+val")
+    assert np.array_equal(attrs, read_in_order(str(two_splits), "train+val", SIZE)[1])
+    # read_range: by manifest position, across the splits' boundary (train ends at 100)
+    blocks = list(read_range(str(two_splits), "train+val", SIZE, 90, 110))
+    images = np.concatenate([block[0] for block in blocks])
+    assert np.array_equal(images, read_in_order(str(two_splits), "train+val", SIZE)[0][90:110])
+    assert list(read_range(str(two_splits), "val", SIZE, 5, 5)) == []
+
+
+def test_union_mistakes_name_the_part_and_the_splits(two_splits):
+    with pytest.raises(
+        ValueError, match=r"has no 'test' shards \(in the union 'train\+test'\); splits with data: train, val"
+    ):
+        ShardStream(index_spec(two_splits, split="train+test"))
+    with pytest.raises(ValueError, match=r"has no 'a', 'b' shards \(in the union 'a\+train\+b'\)"):
+        read_in_order(str(two_splits), "a+train+b", SIZE)
+    with pytest.raises(ValueError, match="names train twice: a union reads each split once"):
+        read_attributes(str(two_splits), "train+val+train")
+    with pytest.raises(ValueError, match="has an empty part"):
+        list(read_samples(str(two_splits), "train+"))
+
+
+def test_read_range_and_read_attributes_refuse_a_damaged_shard(two_splits, tmp_path):
+    shards = Path(shutil.copytree(two_splits, tmp_path / "shards"))
+    first = read_manifest(shards)["splits"]["train"]["shards"][0]["name"]
+    (shards / first).write_bytes((shards / first).read_bytes()[:3000])  # truncated: most samples lost
+    with pytest.raises(ValueError, match="gendist shards verify"):
+        list(read_range(str(shards), "train", SIZE, 0, 10))
+    with pytest.raises(ValueError, match="attribute rows of the 25"):
+        read_attributes(str(shards), "train")

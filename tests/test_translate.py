@@ -15,7 +15,7 @@ from gendist.config import load_config
 from gendist.data.loader import read_in_order, read_samples
 from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess
 from gendist.distributed import build_accelerator
-from gendist.evaluate import load_sampling
+from gendist.trained import load_sampling
 from gendist.training.loop import train
 
 A, B = "not_Male", "Male"  # the domains of synthetic_shards

@@ -10,6 +10,9 @@ A damaged shard that yields less than its manifest says does not leave a slot sh
 (and a rank hanging in a collective): the slot reads on past its range and reports the loss.
 Everything random derives from (seed, epoch, slot), so an epoch can be replayed and a resumed run
 skips exactly the batches it had already consumed.
+
+A split argument may name a union "a+b" of splits of the shard set (real data and a `gendist augment`
+split, say): one sequence of a's shards then b's, its count the sum, read by every reader here.
 """
 
 from __future__ import annotations
@@ -62,24 +65,44 @@ class _Shard:
     count: int  # images, as the manifest says
 
 
+def split_parts(split: str) -> list[str]:
+    """The splits a split argument names: "train" is one, the union "train+generated" is train's
+    then generated's. An empty or repeated part is refused (an epoch reads each image once)."""
+    parts = split.split("+")
+    if not all(part.strip() == part and part for part in parts):
+        raise ValueError(f"split {split!r} has an empty part or spaces: name splits as a or a+b")
+    repeated = sorted({part for part in parts if parts.count(part) > 1})
+    if repeated:
+        raise ValueError(f"split {split!r} names {', '.join(repeated)} twice: a union reads each split once")
+    return parts
+
+
 def _split_layout(shard_dir: str, split: str, image_size: int) -> tuple[dict, list[_Shard]]:
-    """The manifest and the split's shards, checked against the model's size and for images."""
+    """The manifest and the split's shards, checked against the model's size and for images. A union
+    "a+b" of splits of the shard set is one sequence: a's shards, then b's (see split_parts)."""
     manifest = read_manifest(shard_dir)
     if manifest["preprocessing"]["size"] != image_size:
         raise ValueError(
             f"{shard_dir} holds {manifest['preprocessing']['size']}px images but the model wants "
             f"{image_size}px: set model.image_size={manifest['preprocessing']['size']} or convert at that size"
         )
-    splits = manifest["splits"]
-    if split not in splits or not splits[split]["shards"]:
-        available = [name for name, s in splits.items() if s["count"]]
-        raise ValueError(f"{shard_dir} has no '{split}' shards; splits with data: {', '.join(available)}")
-    if splits[split]["count"] == 0:
-        raise ValueError(
-            f"the '{split}' split of {shard_dir} holds no images: its {len(splits[split]['shards'])} "
-            f"shards count 0 in the manifest (every source image failed to convert?)"
-        )
-    return manifest, [_Shard(str(Path(shard_dir) / s["name"]), s["count"]) for s in splits[split]["shards"]]
+    splits, parts = manifest["splits"], split_parts(split)
+    unknown = [part for part in parts if part not in splits or not splits[part]["shards"]]
+    if unknown:
+        available = ", ".join(name for name, s in splits.items() if s["count"])
+        if len(parts) == 1:
+            raise ValueError(f"{shard_dir} has no '{split}' shards; splits with data: {available}")
+        named = ", ".join(f"'{part}'" for part in unknown)
+        raise ValueError(f"{shard_dir} has no {named} shards (in the union '{split}'); splits with data: {available}")
+    shards = []
+    for part in parts:
+        if splits[part]["count"] == 0:
+            raise ValueError(
+                f"the '{part}' split of {shard_dir} holds no images: its {len(splits[part]['shards'])} "
+                f"shards count 0 in the manifest (every source image failed to convert?)"
+            )
+        shards += [_Shard(str(Path(shard_dir) / s["name"]), s["count"]) for s in splits[part]["shards"]]
+    return manifest, shards
 
 
 class _Counters:
@@ -320,6 +343,56 @@ def read_in_order(shard_dir: str, split: str, image_size: int, limit: int = 0) -
         raise RuntimeError(f"no readable image in the '{split}' shards of {shard_dir} ({counters.errors} errors)")
     images, attrs = (np.concatenate(parts) for parts in zip(*blocks))
     return images, attrs, counters.errors
+
+
+def read_range(shard_dir: str, split: str, image_size: int, start: int = 0, stop: int = 0) -> Iterator[Block]:
+    """Images start..stop-1 (stop 0: to the end) of a split by manifest position, in order, as
+    blocks; only the samples that hold them are read. A damaged shard raises ValueError: a copy
+    (gendist augment's translations) must be whole and the same on every rank."""
+    manifest, shards = _split_layout(shard_dir, split, image_size)
+    stop = stop or sum(shard.count for shard in shards)
+    counters, end = _Counters(), 0
+    for shard in shards:
+        begin, end = end, end + shard.count
+        first, last = max(start - begin, 0), min(stop - begin, shard.count)
+        if first < last:
+            got = 0
+            for block in _read_images(shard, manifest["images_per_sample"], first, last, image_size, counters):
+                got += len(block[0])
+                yield block
+            if got != last - first or counters.errors:
+                raise ValueError(
+                    f"{shard.path} yielded {got} of the {last - first} images the manifest lists at "
+                    f"{first}..{last - 1} ({counters.errors} unreadable samples); check the shard set with "
+                    f"`gendist shards verify {shard_dir}`"
+                )
+        if end >= stop:
+            return
+
+
+def read_attributes(shard_dir: str, split: str, strict: bool = True) -> np.ndarray:
+    """Every attribute row of a split (N, A int8) in manifest order, read from the attribute members
+    alone (the images are seeked over). A damaged shard raises ValueError, as in read_range, unless
+    not `strict`: then its unreadable samples are left out (label counts of a training split)."""
+    manifest = read_manifest(shard_dir)
+    _, shards = _split_layout(shard_dir, split, manifest["preprocessing"]["size"])
+    width, rows = len(manifest["attribute_names"]), []
+    for shard in shards:
+        counters, got = _Counters(), 0
+        for _, sample in _tar_samples(shard.path, 0, sys.maxsize, counters, frozenset({"attrs.npy"})):
+            try:
+                attrs = np.load(io.BytesIO(sample["attrs.npy"]), allow_pickle=False).reshape(-1, width)
+            except Exception:  # any damage in a sample's bytes
+                counters.errors += 1
+                continue
+            rows.append(attrs.astype(np.int8, copy=False))
+            got += len(attrs)
+        if strict and (counters.errors or got != shard.count):
+            raise ValueError(
+                f"{shard.path}: {got} attribute rows of the {shard.count} its manifest lists ({counters.errors} "
+                f"unreadable samples); check the shard set with `gendist shards verify {shard_dir}`"
+            )
+    return np.concatenate(rows) if rows else np.zeros((0, width), np.int8)
 
 
 def read_samples(shard_dir: str, split: str) -> Iterator[dict]:

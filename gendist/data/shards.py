@@ -387,6 +387,21 @@ def domain_names(attributes: Sequence[str]) -> tuple[str, str]:
     return (f"not_{attributes[0]}", attributes[0]) if len(attributes) == 1 else (attributes[0], attributes[1])
 
 
+def domain_signs(manifest: dict, domain: str) -> dict[str, int]:
+    """The attribute values (+-1) that put an image in `domain`, from the manifest's domain records:
+    not_X: {X: -1}; X (one attribute): {X: +1}; X of the pair X,Y: {X: +1, Y: -1}."""
+    for record in manifest.get("domains", {}).values():
+        attributes, (a, b) = record["attributes"], record["domains"]
+        if domain not in (a, b):
+            continue
+        if len(attributes) == 1:
+            return {attributes[0]: -1 if domain == a else +1}
+        x, y = attributes
+        return {x: +1, y: -1} if domain == a else {y: +1, x: -1}
+    known = [name for record in manifest.get("domains", {}).values() for name in record["domains"]]
+    raise ValueError(f"no domain {domain!r} in the shards' manifest; it has: {', '.join(known) or 'none'}")
+
+
 def _domain_attributes(attribute: str | Sequence[str], attribute_names: list[str], shard_dir: Path) -> list[str]:
     names = [name.strip() for name in attribute.split(",")] if isinstance(attribute, str) else list(attribute)
     if not 1 <= len(names) <= 2 or not all(names):

@@ -9,8 +9,6 @@ quantised to uint8 levels like the real ones (and like a PNG on disk) before Inc
 
 from __future__ import annotations
 
-import io
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,14 +20,18 @@ from accelerate import Accelerator
 
 from gendist import distributed
 from gendist.config import RunConfig
-from gendist.data.loader import _Counters, _split_layout, _tar_samples, read_in_order
+from gendist.data.loader import read_attributes, read_in_order
 from gendist.data.masks import eval_keys, mask_batch
-from gendist.data.shards import read_manifest
+from gendist.data.shards import domain_signs, read_manifest
 from gendist.eval import reference as ref_cache
+from gendist.eval.attributes import agreement_scores, hits, undefined_balanced
 from gendist.eval.inception import FidInception, weights_id
 from gendist.eval.inpainting import PROTOCOL as INPAINTING_PROTOCOL
 from gendist.eval.inpainting import from_uint8_hwc, inpainting_metrics, mean_fill, quantize, telea_fill
+from gendist.eval.judge import Judge, Judged, JudgedSets, load_judge
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
+from gendist.eval.precision_recall import PROTOCOL as PRECISION_RECALL_PROTOCOL
+from gendist.eval.precision_recall import precision_recall
 from gendist.families.base import Classify, Complete, Generate, Reconstruct, Sampling, Translate
 from gendist.progress import append_jsonl, read_jsonl
 
@@ -41,6 +43,11 @@ SHOWN = (
     "fid",
     "kid",
     "kid_std",
+    "precision",
+    "recall",
+    "fd_face",
+    "cond_attr_mean_accuracy",
+    "cond_attr_mean_accuracy_shuffled",
     "recon_mse",
     "psnr_model",
     "psnr_telea",
@@ -67,8 +74,20 @@ ATTRIBUTE_PROTOCOL = (
     "predicting each attribute's majority value in data.split (ties: absent), scored on the same images "
     "(a constant's balanced accuracy is 0.5 wherever defined)"
 )
+JUDGE_PROTOCOL = (
+    "the face classifier eval.classifier (judge: its run, step and preprocessing); fd_face: Frechet distance "
+    "of its pooled features (judge.feature_dim-d) of the generated images against the same reference images "
+    "as FID, in a space trained on faces: NOT comparable with FID or any published number; precision_face / "
+    "recall_face: the precision/recall protocol in those features; cond_attr_*: a conditional generator's "
+    "samples judged against the labels they were generated with (attribute present where its logit > 0), next "
+    "to the judge on the real reference images with their own labels (_real: what a perfect generator would "
+    "score, the judge's own error included) and the same predictions against the labels of the next sample "
+    "(_shuffled: what a generator ignoring its labels scores); flip_rate_SRC_to_DST: the share of translations "
+    "the judge puts in DST (every domain attribute on its DST side), _identity: the untranslated sources'; "
+    "kept_SRC_to_DST: the share of (image, other judged attribute) pairs whose prediction the translation kept"
+)
 # a one-line summary also shows each translation direction's FID, its identity baseline and the cycle error
-SHOWN_TRANSLATION_PREFIXES = ("fid_", "cycle_l1_")
+SHOWN_TRANSLATION_PREFIXES = ("fid_", "cycle_l1_", "flip_rate_")
 
 
 def shown_keys(row: dict) -> list[str]:
@@ -113,6 +132,19 @@ class Evaluator:
         self._training_positives: tuple[np.ndarray, int] | None = None  # per attribute of data.split, of images
         # (source, target) -> the untranslated sources' FID/KID (rank 0; {} elsewhere): they never change
         self._identity: dict[tuple[str, str], dict] = {}
+        self._judge: Judge | None = None
+        self._judged_references: dict[str, Judged] = {}
+        self._shared_features: dict[
+            str, np.ndarray
+        ] = {}  # by reference key: its features on every rank  # by split: the judge's outputs of its reference images
+
+    @property
+    def judge(self) -> Judge | None:
+        """The face judge of eval.classifier, loaded at first use; None where none is configured."""
+        if self.cfg.eval.classifier and self._judge is None:
+            preprocessing = read_manifest(self.shard_dir)["preprocessing"]
+            self._judge = load_judge(self.cfg.eval.classifier, self.device, preprocessing)
+        return self._judge
 
     @property
     def inception(self) -> FidInception:
@@ -211,6 +243,7 @@ class Evaluator:
             sampling.translate,
             sampling.classify,
             sampling.classify_attributes,
+            sampling.conditioned_on,
         )
 
     def evaluate(
@@ -223,6 +256,7 @@ class Evaluator:
         translate: dict[tuple[str, str], Translate] | None = None,
         classify: Classify | None = None,
         classify_attributes: list[str] | None = None,
+        conditioned_on: list[str] | None = None,
     ) -> dict:
         """One evaluation; returns the row (on every rank) that rank 0 appends to eval.jsonl."""
         timer = Timer(self.device)
@@ -232,7 +266,7 @@ class Evaluator:
         reference = self.reference(timer) if needs_reference else None
         row: dict = {}
         if generate is not None:
-            row.update(self._generated(generate, reference, timer))
+            row.update(self._generated(generate, reference, timer, conditioned_on))
         if reconstruct is not None:
             row.update(self._reconstruction(reconstruct, timer))
         if complete is not None:
@@ -253,23 +287,122 @@ class Evaluator:
             protocol = self.protocol([reference], generator_label, samples if generate is not None else 0, [samples])
         return {
             "step": step,
+            "ranks": self.accelerator.num_processes,
             **row,
             "seconds": {k: round(v, 3) for k, v in timer.seconds.items()},
             "protocol": protocol,
         }
 
-    def _generated(self, generate: Generate, reference: ref_cache.Reference, timer: Timer) -> dict:
-        """FID and KID of `eval.num_samples` generated images (on rank 0; empty elsewhere)."""
+    def _generated(
+        self,
+        generate: Generate,
+        reference: ref_cache.Reference,
+        timer: Timer,
+        conditioned_on: list[str] | None = None,
+    ) -> dict:
+        """FID and KID of `eval.num_samples` generated images (rank 0), their precision and recall
+        (eval.pr_k), and with a judge (eval.classifier) the face-feature scores (JUDGE_PROTOCOL)."""
         ev = self.cfg.eval
         noise = torch.randn(ev.num_samples, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(ev.seed))
-        labels = torch.from_numpy(reference.attrs[np.arange(ev.num_samples) % reference.count]).float()
+        label_rows = np.arange(ev.num_samples) % reference.count
+        labels = torch.from_numpy(reference.attrs[label_rows]).float()
+        judged = JudgedSets(self.judge, self.accelerator) if self.judge else None
 
         def produce(i: int, stop: int) -> tuple[torch.Tensor]:
             with timer.phase("generate"), torch.no_grad():
-                return (quantised(generate(noise[i:stop].to(self.device), labels[i:stop].to(self.device))),)
+                images = quantised(generate(noise[i:stop].to(self.device), labels[i:stop].to(self.device)))
+            if judged is not None:
+                with timer.phase("judge"):
+                    judged.add("generated", images)
+            return (images,)
 
         (generated,) = self._embedded(ev.num_samples, produce, timer)
-        return self._distances(generated, reference, timer) if self.accelerator.is_main_process else {}
+        row = self._distances(generated, reference, timer) if self.accelerator.is_main_process else {}
+        if ev.pr_k:
+            with timer.phase("precision_recall"):
+                row.update(precision_recall(self.accelerator, self._features_everywhere(reference), generated, ev.pr_k))
+            row["precision_recall_protocol"] = {"k": ev.pr_k, "features": "FID's", "text": PRECISION_RECALL_PROTOCOL}
+        if judged is not None:
+            samples = judged.gathered(["generated"], ev.num_samples)["generated"]
+            row.update(self._judged_samples(samples, reference, label_rows, conditioned_on or [], timer))
+        return row
+
+    def _features_everywhere(self, reference: ref_cache.Reference) -> np.ndarray:
+        """The reference's Inception features on every rank (rank 0 alone loads them), sent once."""
+        if reference.key not in self._shared_features:
+            main = self.accelerator.is_main_process
+            self._shared_features[reference.key] = distributed.broadcast_rows(
+                self.accelerator, reference.features if main else None
+            )
+        return self._shared_features[reference.key]
+
+    def _judged_reference(self, split: str, count: int, timer: Timer) -> Judged:
+        """The judge's outputs of the first `count` images of `split` (as the FID reference reads
+        them), made across ranks once per process."""
+        if split not in self._judged_references:
+            images, _, _ = read_in_order(self.shard_dir, split, self.cfg.model.image_size, count)
+            judged = JudgedSets(self.judge, self.accelerator)
+            start, end = self._share(len(images))
+            with timer.phase("judge_reference"):
+                for i in range(start, end, self.cfg.eval.batch_size):
+                    judged.add(split, unit_range(images[i : min(i + self.cfg.eval.batch_size, end)], self.device))
+                self._judged_references[split] = judged.gathered([split], len(images))[split]
+        return self._judged_references[split]
+
+    def _judged_samples(
+        self,
+        samples: Judged,
+        reference: ref_cache.Reference,
+        label_rows: np.ndarray,
+        conditioned_on: list[str],
+        timer: Timer,
+    ) -> dict:
+        """fd_face and precision/recall in the judge's features against the FID reference images, and
+        for a conditional generator the attributes it was asked for, judged (JUDGE_PROTOCOL)."""
+        ev, judge = self.cfg.eval, self.judge
+        real = self._judged_reference(reference.description["split"], reference.count, timer)
+        row: dict = {"judge": judge.source, "judge_protocol": JUDGE_PROTOCOL}
+        if self.accelerator.is_main_process:
+            with timer.phase("fd_face"):
+                mu_real, sigma_real = feature_statistics(real.features)
+                mu, sigma = feature_statistics(samples.features)
+                row["fd_face"] = frechet_distance(mu_real, sigma_real, mu, sigma)
+        if ev.pr_k:
+            with timer.phase("precision_recall"):
+                scores = precision_recall(self.accelerator, real.features, samples.features, ev.pr_k)
+            row.update({f"{name}_face": value for name, value in scores.items()})
+        if conditioned_on:
+            row.update(self._conditioned(samples, real, reference.attrs, label_rows, conditioned_on))
+        return row
+
+    def _conditioned(
+        self, samples: Judged, real: Judged, attrs: np.ndarray, label_rows: np.ndarray, conditioned_on: list[str]
+    ) -> dict:
+        """A conditional generator's samples judged against the labels they were made with, next to the
+        judge on the real images with their labels and against the next sample's labels."""
+        available = read_manifest(self.shard_dir)["attribute_names"]
+        names = [name for name in conditioned_on if name in self.judge.attributes]
+        row: dict = {"cond_attr_unjudged": [name for name in conditioned_on if name not in names]}
+        if not names:
+            return row
+        data_columns = [available.index(name) for name in names]
+        judge_columns = [self.judge.attributes.index(name) for name in names]
+        asked = attrs[label_rows][:, data_columns] > 0
+        said = samples.logits[:, judge_columns] > 0
+        shuffled = np.roll(asked, 1, axis=0)
+        truth = attrs[:, data_columns] > 0
+        for predicted, wanted, suffix in (
+            (said, asked, ""),
+            (real.logits[:, judge_columns] > 0, truth, "_real"),
+            (said, shuffled, "_shuffled"),
+        ):
+            true_positives, true_negatives = hits(predicted, wanted)
+            row.update(
+                agreement_scores(
+                    true_positives, true_negatives, wanted.sum(axis=0), len(wanted), names, "cond_attr", suffix
+                )
+            )
+        return row
 
     def _distances(
         self, features: np.ndarray, reference: ref_cache.Reference, timer: Timer, prefix: str = "", suffix: str = ""
@@ -366,18 +499,8 @@ class Evaluator:
         the images counted: read once per process from the shards' attribute members alone (the
         images are seeked over); unreadable samples are left out."""
         if self._training_positives is None:
-            manifest, shards = _split_layout(self.shard_dir, self.cfg.data.split, self.cfg.model.image_size)
-            width = len(manifest["attribute_names"])
-            positives, total, counters = np.zeros(width, dtype=np.int64), 0, _Counters()
-            for shard in shards:
-                for _, sample in _tar_samples(shard.path, 0, sys.maxsize, counters, frozenset({"attrs.npy"})):
-                    try:
-                        attrs = np.load(io.BytesIO(sample["attrs.npy"]), allow_pickle=False).reshape(-1, width)
-                    except Exception:  # any damage in a sample's bytes
-                        continue
-                    positives += (attrs > 0).sum(axis=0)
-                    total += len(attrs)
-            self._training_positives = positives, total
+            rows = read_attributes(self.shard_dir, self.cfg.data.split, strict=False)
+            self._training_positives = (rows > 0).sum(axis=0).astype(np.int64), len(rows)
         return self._training_positives
 
     def _attributes(self, classify: Classify, names: list[str], timer: Timer) -> dict:
@@ -407,38 +530,32 @@ class Evaluator:
                 hits[1] += (~predicted & ~present).sum(dim=0)
         true_positives, true_negatives = distributed.sum_across_ranks(self.accelerator, hits).cpu().numpy()
         positives = truth.sum(axis=0).astype(np.float64)
-        negatives = len(truth) - positives
         train_positives, train_images = self.training_positives()
         majority = train_positives[[available.index(name) for name in names]] * 2 > train_images
-        defined = (positives > 0) & (negatives > 0)
-
-        def scores(tp: np.ndarray, tn: np.ndarray, suffix: str) -> dict:
-            accuracy = (tp + tn) / len(truth)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                balanced = (tp / positives + tn / negatives) / 2
-            per_name = [None if not ok else float(value) for ok, value in zip(defined, balanced)]
-            return {
-                f"attr_mean_accuracy{suffix}": float(accuracy.mean()),
-                f"attr_mean_balanced_accuracy{suffix}": float(balanced[defined].mean()) if defined.any() else None,
-                f"attr_accuracy{suffix}": dict(zip(names, map(float, accuracy))),
-                f"attr_balanced_accuracy{suffix}": dict(zip(names, per_name)),
-            }
-
+        count = len(truth)
         row = {
-            **scores(true_positives, true_negatives, ""),
-            **scores(np.where(majority, positives, 0.0), np.where(majority, 0.0, negatives), "_majority"),
-            "attr_positive_rate": dict(zip(names, map(float, positives / len(truth)))),
+            **agreement_scores(true_positives, true_negatives, positives, count, names),
+            **agreement_scores(
+                np.where(majority, positives, 0.0),
+                np.where(majority, 0.0, count - positives),
+                positives,
+                count,
+                names,
+                suffix="_majority",
+            ),
+            "attr_positive_rate": dict(zip(names, map(float, positives / count))),
             "attr_train_positive_rate": dict(
                 zip(names, (float(train_positives[available.index(name)] / train_images) for name in names))
             ),
-            "attr_images": len(truth),
+            "attr_images": count,
             "attr_split": ev.recon_split,
             "attr_majority_split": self.cfg.data.split,
             "attr_majority_images": train_images,
             "attr_protocol": ATTRIBUTE_PROTOCOL,
         }
-        if not defined.all():
-            row["attr_balanced_undefined"] = [name for name, ok in zip(names, defined) if not ok]
+        undefined = undefined_balanced(positives, count, names)
+        if undefined:
+            row["attr_balanced_undefined"] = undefined
         return row
 
     # -- translation ---------------------------------------------------------------------------
@@ -464,6 +581,8 @@ class Evaluator:
                 images[direction] = scores.pop("images")
                 row.update(scores)
         row.update(translation_images=images, translation_splits=splits, translation_protocol=TRANSLATION_PROTOCOL)
+        if self.judge is not None:
+            row.update(judge=self.judge.source, judge_protocol=JUDGE_PROTOCOL)
         if skipped:
             row["translation_skipped"] = skipped
         return row
@@ -482,12 +601,18 @@ class Evaluator:
         errors = torch.zeros((), dtype=torch.float64, device=self.device)
         baseline = (src, dst) not in self._identity  # the same decision on every rank
 
+        judged = JudgedSets(self.judge, self.accelerator) if self.judge else None
+
         def produce(i: int, stop: int) -> tuple[torch.Tensor, ...]:
             real = unit_range(images[i:stop], self.device)
             with timer.phase("translate"), torch.no_grad():
                 translated = quantised(forward(real * 2 - 1))
                 if back is not None:
                     errors.add_((quantised(back(translated * 2 - 1)) - real).abs().double().sum())
+            if judged is not None:
+                with timer.phase("judge"):
+                    judged.add("translated", translated)
+                    judged.add("source", real)
             return (translated, real) if baseline else (translated,)
 
         features = self._embedded(len(images), produce, timer, sets=2 if baseline else 1)
@@ -502,7 +627,34 @@ class Evaluator:
             scores.update(self._identity[(src, dst)])
         if back is not None:
             scores[f"cycle_l1_{src}"] = cycle
+        if judged is not None:
+            sets = judged.gathered(["translated", "source"], len(images))
+            scores.update(self._judged_translation(src, dst, sets["translated"], sets["source"]))
         return scores
+
+    def _judged_translation(self, src: str, dst: str, translated: Judged, source: Judged) -> dict:
+        """How often the judge puts the translations (and the untranslated sources) in `dst`, and how
+        many of the other attributes' predictions the translation kept (JUDGE_PROTOCOL)."""
+        signs = domain_signs(read_manifest(self.shard_dir), dst)
+        attributes = self.judge.attributes
+        unjudged = [name for name in signs if name not in attributes]
+        if unjudged:
+            return {f"flip_rate_{src}_to_{dst}_skipped": f"the judge does not predict {', '.join(unjudged)}"}
+        columns = [attributes.index(name) for name in signs]
+        wanted = np.array([signs[name] > 0 for name in signs])
+        others = [i for i, name in enumerate(attributes) if name not in signs]
+
+        def in_target(judged: Judged) -> float:
+            return float(((judged.logits[:, columns] > 0) == wanted).all(axis=1).mean())
+
+        row = {
+            f"flip_rate_{src}_to_{dst}": in_target(translated),
+            f"flip_rate_{src}_to_{dst}_identity": in_target(source),
+        }
+        if others:
+            kept = (translated.logits[:, others] > 0) == (source.logits[:, others] > 0)
+            row[f"kept_{src}_to_{dst}"] = float(kept.mean())
+        return row
 
     def label_protocol(self, generator_label: str, images: int) -> dict:
         """What a row scored against labels alone (a classifier's) was measured on: no samples, no Inception."""

@@ -115,6 +115,8 @@ class Sampling:
     # attribute classifiers: the logits and the data's attribute names they predict, column by column
     classify: Classify | None = None
     classify_attributes: list[str] | None = None
+    # conditional generators: the data's attribute names `generate` makes its samples have
+    conditioned_on: list[str] | None = None
 
 
 @dataclass

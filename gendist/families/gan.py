@@ -155,7 +155,9 @@ def declare(inputs: FamilyInputs) -> Family:
             save_image(images, folder / f"step_{step:07d}.png", nrow=8, normalize=True, value_range=(-1, 1))
 
         generate: Generate = lambda z, attrs: call(sampled, z, condition(attrs, columns))  # noqa: E731
-        return Sampling(generate, "generator EMA" if "generator_ema" in bare else "generator", write_grids)
+        label = "generator EMA" if "generator_ema" in bare else "generator"
+        conditioned_on = [inputs.attribute_names[c] for c in columns] if columns else None
+        return Sampling(generate, label, write_grids, conditioned_on=conditioned_on)
 
     notes = (
         [

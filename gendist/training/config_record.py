@@ -1,8 +1,11 @@
-"""The run folder's config.yaml: written at each launch, with what changed since the last one said
-and the previous file kept; a change of the networks once checkpoints exist is refused."""
+"""The run folder's records of how it was launched: config.yaml, written at each launch, with what
+changed since the last one said and the previous file kept (a change of the networks once
+checkpoints exist is refused); and data.json, what the run trains on."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,28 @@ def record_config(cfg: RunConfig, run_dir: Path) -> str | None:
 
 def _changes(changed: dict[str, tuple[Any, Any]], keys: list[str]) -> list[str]:
     return [f"{key} {changed[key][0]!r} -> {changed[key][1]!r}" for key in keys]
+
+
+DATA_RECORD = "data.json"
+
+
+def record_data(manifest: dict, shard_dir: str, run_dir: Path) -> None:
+    """Write what the run trains on beside its config (rank 0): the shard set, its preprocessing and
+    attribute names. A classifier run read as a judge (eval.classifier) refuses data prepared otherwise."""
+    record = {
+        "shards": str(shard_dir),
+        "format": manifest["format"],
+        "dataset": manifest.get("dataset"),
+        "preprocessing": manifest["preprocessing"],
+        "attribute_names": manifest["attribute_names"],
+    }
+    path = run_dir / DATA_RECORD
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(partial, path)
+
+
+def read_data_record(run_dir: Path) -> dict | None:
+    """A run's data.json, or None for runs written before it existed."""
+    path = Path(run_dir) / DATA_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None

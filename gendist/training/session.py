@@ -15,12 +15,13 @@ from torch import nn
 from gendist import distributed, engines
 from gendist.config import ConfigError, RunConfig
 from gendist.data.loader import StreamSpec, batches_per_epoch
+from gendist.data.shards import read_manifest
 from gendist.eval.evaluator import EVAL_LOG, Evaluator
 from gendist.families.base import Sampling
 from gendist.progress import Reporter, drop_rows_after
 from gendist.stopping import StopRequests
 from gendist.training.checkpointing import Checkpointed
-from gendist.training.config_record import record_config
+from gendist.training.config_record import record_config, record_data
 from gendist.training.outputs import Outputs
 from gendist.training.stream import DEFAULT_STREAM, Streams, TrainState, checked_stream, resolve_shards
 from gendist.training.window import MetricWindow
@@ -103,6 +104,8 @@ class Session:
         if not self.cfg.eval.every:
             return
         evaluator, ev = self.outputs.evaluator, self.cfg.eval
+        if ev.classifier:  # a judge that cannot be loaded fails now
+            assert evaluator.judge is not None
         if sampling.generate is not None or sampling.complete is not None:
             evaluator.reference()
         elif sampling.translate:  # a translation family scores against its target domains
@@ -116,6 +119,8 @@ class Session:
         refusal = distributed.broadcast_from_main(self.accelerator, refusal)
         if refusal:
             raise ConfigError(refusal)
+        if self.accelerator.is_main_process:
+            record_data(read_manifest(self.spec.shard_dir), self.spec.shard_dir, self.run_dir)
         checkpoint = self.checkpointed.resume()
         if checkpoint is not None:
             distributed.rank_print(self.accelerator, f"resumed from {checkpoint} at step {self.state.step}")
