@@ -34,6 +34,7 @@ PRESETS = {
     "vae": "vae_celeba64",
     "pix2pix": "pix2pix_inpaint_celeba64",
     "cyclegan": "cyclegan_eyeglasses_celeba64",
+    "classifier": "classifier_celeba64",
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     columns = [images]
+    start = time.perf_counter()
     for layer in layers:
         dreamed = dream(network, images, layer, settings, args.channel)
         with torch.no_grad():
@@ -212,7 +214,11 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"{layer}: objective {before.mean():.4g} -> {after.mean():.4g} ({change})")
         columns.append(dreamed)
+    seconds = time.perf_counter() - start
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # per image: the original, then each layer's dream
     save_image(grid, out / "grid.png", nrow=len(columns), normalize=True, value_range=(-1, 1))
-    print(f"wrote {len(names) * len(layers)} dreamed images and {out / 'grid.png'} (original | {' | '.join(layers)})")
+    print(
+        f"wrote {len(names) * len(layers)} dreamed images and {out / 'grid.png'} (original | {' | '.join(layers)}); "
+        f"dreaming took {seconds:.1f} s, {seconds / (len(names) * len(layers)):.2f} s per image and layer"
+    )
     return 0

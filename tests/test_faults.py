@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, assert_same_run, launch
 
 from gendist.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
@@ -152,6 +153,15 @@ def test_a_relaunch_with_other_settings_keeps_the_old_config_and_refuses_other_n
     with pytest.raises(ConfigError, match=r"model.ngf 8 -> 16.*use a new train.run_dir"):
         train(load_config(None, [*tiny_overrides, "train.steps=4", "model.ngf=16"]))
     assert load_config(run / "config.yaml").model.ngf == 8
+    # a config.yaml written before gendist had a key (here: eval.pr_k) is no change of settings
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    del written["eval"]["pr_k"]
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    kept = sorted(run.glob("config.until_step_*.yaml"))
+    capsys.readouterr()
+    train(load_config(None, [*tiny_overrides, "train.steps=3", "optim.lr_g=1e-4"]))
+    assert "config changed" not in capsys.readouterr().out and sorted(run.glob("config.until_step_*.yaml")) == kept
+    assert "pr_k: 3" in (run / "config.yaml").read_text()
 
 
 def test_a_resumed_run_logs_each_step_once(tiny_overrides, tmp_path):

@@ -61,8 +61,9 @@ def load_judge(run_dir: str | Path, device: torch.device, preprocessing: dict) -
     trained_on = read_data_record(run_dir)
     if trained_on is None:
         raise ConfigError(
-            f"eval.classifier={run_dir} has no {DATA_RECORD} (what it was trained on): relaunch it with this "
-            "gendist for one step to write it"
+            f"eval.classifier={run_dir} has no {DATA_RECORD} (what it was trained on, written at each launch "
+            f"since gendist records it): relaunch it once, `gendist train --config {run_dir / 'config.yaml'}`; "
+            "a finished run resumes, writes it and ends"
         )
     theirs, ours = trained_on["preprocessing"], preprocessing
     differing = [key for key in MATCHED if theirs.get(key) != ours.get(key)]

@@ -34,14 +34,15 @@ def record_config(cfg: RunConfig, run_dir: Path) -> str | None:
                 f"{run_dir} holds checkpoints of other networks ({'; '.join(_changes(changed, networks))}): "
                 f"they cannot resume with this config; use a new train.run_dir, or the run's own {path}"
             )
-        kept = path.with_name(f"config.until_step_{checkpoint_step(latest) if latest else 0:07d}.yaml")
-        if not kept.exists():
-            path.rename(kept)
-        print(
-            f"config changed since this run's last launch: {'; '.join(_changes(changed, list(changed)))} "
-            f"(the previous config is kept as {kept.name})",
-            flush=True,
-        )
+        if changed:  # otherwise the file differs only by keys added to gendist since, at their defaults
+            kept = path.with_name(f"config.until_step_{checkpoint_step(latest) if latest else 0:07d}.yaml")
+            if not kept.exists():
+                path.rename(kept)
+            print(
+                f"config changed since this run's last launch: {'; '.join(_changes(changed, list(changed)))} "
+                f"(the previous config is kept as {kept.name})",
+                flush=True,
+            )
     path.write_text(text)
     return None
 
