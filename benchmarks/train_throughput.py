@@ -6,7 +6,7 @@ Each family runs its shipped preset (configs/<family>_celeba64.yaml: widths, n_c
 optimizer) on the embedded synthetic faces at 64x64 in fp32, through the real entry point:
 `python -m gendist.train` for 1 process, `accelerate launch --config_file launch/cpu_2proc.yaml
 -m gendist.train` for 2. images/s counts real images consumed (n_critic batches per generator
-step; CycleGAN's batches of both domains), over all ranks, from metrics.jsonl, leaving out the
+step; CycleGAN's batches of both domains; SRGAN's two stages apart), over all ranks, from metrics.jsonl, leaving out the
 first logging window (start-up).
 """
 
@@ -35,6 +35,15 @@ PRESETS = {
     "pix2pix": "pix2pix_inpaint_celeba64",
     "cyclegan": "cyclegan_eyeglasses_celeba64",
     "classifier": "classifier_celeba64",
+    "srgan_pixel": "srgan_16to64_celeba",
+    "srgan_adversarial": "srgan_16to64_celeba",
+}
+# what a benchmark adds to its preset: its stage, and a content network that needs no trained run
+# (a random-init VGG19 costs what torchvision's weights do)
+EXTRA = {
+    "cgan": ["model.attributes=[Male,Smiling,Blond_Hair,Eyeglasses]"],
+    "srgan_pixel": ["srgan.pretrain_steps=100000"],
+    "srgan_adversarial": ["srgan.pretrain_steps=0", "srgan.content=vgg19", "srgan.vgg_weights=random"],
 }
 
 
@@ -53,8 +62,7 @@ def run(family: str, processes: int, steps: int, batch: int, work: Path) -> floa
         f"data.batch_size={batch}",
         "data.num_workers=1",
     ]
-    if family == "cgan":
-        overrides.append("model.attributes=[Male,Smiling,Blond_Hair,Eyeglasses]")
+    overrides += EXTRA.get(family, [])
     entry = ["-m", "gendist.train", "--config", str(REPO / "configs" / f"{PRESETS[family]}.yaml"), *overrides]
     if processes == 1:
         cmd = [sys.executable, *entry]

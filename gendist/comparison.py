@@ -141,6 +141,10 @@ OTHER_SCORES = [
     ("translations judged in the target (untranslated)", lambda r: _directions(r, "flip_rate_", "_identity")),
     ("other attributes kept", lambda r: _directions(r, "kept_")),
     ("cycle L1", lambda r: _directions(r, "cycle_l1_")),
+    ("inpainting PSNR (Telea / mean fill)", lambda r: _with_baselines(r, "psnr_model", "psnr_telea", "psnr_mean_fill")),
+    ("super-resolution PSNR Y (bicubic)", lambda r: _with_baselines(r, "psnr_y_model", "psnr_y_bicubic")),
+    ("super-resolution SSIM Y (bicubic)", lambda r: _with_baselines(r, "ssim_y_model", "ssim_y_bicubic")),
+    ("super-resolution FID (bicubic)", lambda r: _with_baselines(r, "sr_model_fid", "sr_bicubic_fid")),
     (
         "attribute accuracy (majority) / balanced (majority)",
         lambda r: (

@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "dcgan"  # a family of gendist.families.DECLARATIONS (gan, dcgan, ..., pix2pix, cyclegan)
+    name: str = "dcgan"  # a family of gendist.families.DECLARATIONS (gan, dcgan, ..., cyclegan, classifier, srgan)
     image_size: int = 64
     z_dim: int = 100  # latent size (the VAE's too)
     ngf: int = 64  # generator/decoder width: 8*ngf channels at 4x4
@@ -106,6 +106,31 @@ class ClassifierConfig:
 
 
 @dataclass
+class SRGANConfig:
+    """Face super-resolution (model.name=srgan, Ledig et al. 2017): the low-resolution input is the
+    target (model.image_size) downsampled `scale` times (gendist.data.resolution.downsample). Steps up
+    to pretrain_steps train SRResNet on the pixel loss alone; the steps after, the adversarial stage
+    from those weights: pixel_weight x pixel + content_weight x content + adversarial_weight x GAN."""
+
+    scale: int = 4  # 2, 4 or 8
+    blocks: int = 16  # residual blocks of the generator (model.ngf wide; the discriminator model.ndf)
+    pretrain_steps: int = 1000  # SRResNet steps before the adversarial stage; >= train.steps: SRResNet only
+    pixel_loss: Literal["mse", "l1"] = "mse"
+    pixel_weight: float = 1.0e-2  # in the adversarial stage (the SRResNet stage's loss is the pixel loss alone)
+    content: Literal["classifier", "vgg19", "none"] = "classifier"
+    content_weight: float = 1.0
+    # content=classifier: a classifier run folder (gendist's own face network, trained on data of this
+    # preprocessing) and its layer: stem, stages.0 ... stages.3
+    classifier: str = ""
+    classifier_layer: str = "stages.2"
+    # content=vgg19: torchvision's vgg19-dcbb9e9d.pth ("" = $TORCH_HOME/hub/checkpoints; "random" =
+    # random-init, smoke runs only) and its layer (relu5_4: the paper's VGG54)
+    vgg_weights: str = ""
+    vgg_layer: str = "relu5_4"
+    adversarial_weight: float = 5.0e-3
+
+
+@dataclass
 class OptimConfig:
     name: Literal["adam", "rmsprop"] = "adam"
     lr_g: float = 2e-4  # generator (or the whole VAE)
@@ -168,6 +193,7 @@ class RunConfig:
     pix2pix: Pix2PixConfig = field(default_factory=Pix2PixConfig)
     cyclegan: CycleGANConfig = field(default_factory=CycleGANConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    srgan: SRGANConfig = field(default_factory=SRGANConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -202,6 +228,27 @@ class RunConfig:
         repeated = sorted({name for name in settings.attributes if settings.attributes.count(name) > 1})
         if repeated:
             raise ConfigError(f"classifier.attributes names {', '.join(repeated)} more than once")
+
+    def _validate_srgan(self) -> None:
+        settings, size = self.srgan, self.model.image_size
+        if settings.scale not in (2, 4, 8):
+            raise ConfigError(f"srgan.scale must be 2, 4 or 8, got {settings.scale}")
+        if size // settings.scale < 8:
+            raise ConfigError(
+                f"srgan: model.image_size={size} at srgan.scale={settings.scale} leaves "
+                f"{size // settings.scale} px inputs; use inputs of at least 8 px"
+            )
+        if settings.blocks < 1 or settings.pretrain_steps < 0:
+            raise ConfigError("srgan.blocks must be >= 1 and srgan.pretrain_steps >= 0")
+        for key in ("srgan.pixel_weight", "srgan.content_weight", "srgan.adversarial_weight"):
+            if not (math.isfinite(self.get(key)) and self.get(key) >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {self.get(key)}")
+        if settings.content == "classifier" and not settings.classifier and settings.content_weight:
+            raise ConfigError(
+                "srgan.content=classifier needs srgan.classifier=RUN_DIR (a classifier run trained on these "
+                "shards: gendist train --config configs/classifier_celeba64.yaml), or srgan.content=vgg19 "
+                "(torchvision's VGG19 file in $TORCH_HOME) or srgan.content=none (pixel loss only)"
+            )
 
     def validate(self) -> None:
         size = self.model.image_size
@@ -259,6 +306,8 @@ class RunConfig:
             self._validate_cyclegan()
         if name == "classifier":
             self._validate_classifier()
+        if name == "srgan":
+            self._validate_srgan()
         if name == "cgan" and not self.model.attributes:
             raise ConfigError("cgan needs attributes to condition on, e.g. model.attributes=[Male,Smiling,Eyeglasses]")
 

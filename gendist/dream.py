@@ -10,6 +10,10 @@ square of the layer's (or channel's) activations, or the attribute's logit. As i
 pytorch-deepdream: octave scale 1.4, 10 steps per octave, jitter, normalised gradients.
 
     gendist dream RUN --image face.jpg --out DIR [--network classifier] [--layers stages.2,stages.3]
+    gendist dream inception --image face.jpg --out DIR [--inception-weights FILE] [--size 299]
+
+`inception` dreams with the FID network (pytorch-fid's InceptionV3, the weights checked as for FID:
+$TORCH_HOME's file, a path, or `random`), on images of --size pixels; its stages are its 4 blocks.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from gendist.config import ConfigError, load_config
 from gendist.data.loader import read_attributes, read_in_order
 from gendist.data.shards import Preprocess
 from gendist.distributed import build_accelerator
+from gendist.eval.inception import DreamInception
 from gendist.trained import find_checkpoint, load_network, load_sampling, trained_attribute_names
 from gendist.training.stream import resolve_shards
 
@@ -168,7 +173,7 @@ def dream_inputs(args: argparse.Namespace, size: int) -> tuple[torch.Tensor, lis
 
 
 def add_dream_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run folder (config.yaml and checkpoints/)")
+    parser.add_argument("run_dir", help="a run folder (config.yaml and checkpoints/), or `inception`")
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--image", nargs="+", help="image files to dream on")
     inputs.add_argument("--shards", help="a shard folder: dream on the first --count images of its --split")
@@ -180,16 +185,29 @@ def add_dream_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", help="comma-separated module names, or logit:I (default: the network's stages)")
     parser.add_argument("--channel", type=int, help="one channel of each layer instead of all")
     parser.add_argument("--checkpoint", help="a checkpoint folder instead of the run's latest")
+    parser.add_argument(
+        "--inception-weights",
+        default="",
+        help="with inception: pytorch-fid's weights file ('' = $TORCH_HOME's; random = a random-init network)",
+    )
+    parser.add_argument("--size", type=int, default=299, help="with inception: the images' size in pixels")
     for field, default in vars(DreamSettings()).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(default), default=default)
+
+
+def dreamer(args: argparse.Namespace) -> tuple[nn.Module, int]:
+    """The network to dream with (a run's, or the FID Inception) and the image size it dreams at."""
+    if args.run_dir == "inception":
+        return DreamInception(args.inception_weights), args.size
+    run_dir = Path(args.run_dir)
+    trained = load_network(run_dir, find_checkpoint(run_dir, args.checkpoint), args.network, [])
+    return trained.module, trained.cfg.model.image_size
 
 
 def run(args: argparse.Namespace) -> int:
     """`gendist dream`: each image dreamed for each layer; prints each objective before and after."""
     try:
-        run_dir = Path(args.run_dir)
-        trained = load_network(run_dir, find_checkpoint(run_dir, args.checkpoint), args.network, [])
-        network, size = trained.module, trained.cfg.model.image_size
+        network, size = dreamer(args)
         layers = args.layers.split(",") if args.layers else default_layers(network)
         settings = DreamSettings(**{field: getattr(args, field) for field in vars(DreamSettings())})
         images, names = dream_inputs(args, size)

@@ -21,6 +21,15 @@ families = {
     "pix2pix": ["model.name=pix2pix"],
     "cyclegan": ["model.name=cyclegan", "cyclegan.domains=[not_Male,Male]", "cyclegan.blocks=2"],
     "classifier": ["model.name=classifier", "classifier.blocks=1"],
+    # SRResNet for step 1, the adversarial stage (VGG content at relu2_2, random-init) after
+    "srgan": [
+        "model.name=srgan",
+        "srgan.blocks=1",
+        "srgan.pretrain_steps=1",
+        "srgan.content=vgg19",
+        "srgan.vgg_weights=random",
+        "srgan.vgg_layer=relu2_2",
+    ],
 }
 rank = None
 for family, extra in families.items():

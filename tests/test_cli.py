@@ -10,7 +10,7 @@ def test_dry_run_prints_the_resolved_config(capsys):
     assert gendist_main(["train", "--dry-run", "optim.lr_g=1e-4", "train.steps=7"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr_g"] == 1e-4 and printed["train"]["steps"] == 7
-    sections = {"data", "model", "loss", "vae", "pix2pix", "cyclegan", "classifier", "optim", "train", "eval"}
+    sections = {"data", "model", "loss", "vae", "pix2pix", "cyclegan", "classifier", "srgan", "optim", "train", "eval"}
     assert set(printed) == sections
 
 

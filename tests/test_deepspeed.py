@@ -21,7 +21,7 @@ WORKER = str(REPO / "tests" / "family_worker.py")
 
 @pytest.mark.slow
 def test_zero2_families_train_identically_on_2_ranks_and_resume_exactly(tiny_overrides, tmp_path):
-    """bf16 (DeepSpeed's torch autocast) for seven families in one ZeRO-2 launch (Pix2Pix's U-Net forward
+    """bf16 (DeepSpeed's torch autocast) for eight families in one ZeRO-2 launch (Pix2Pix's U-Net forward
     in the discriminator phase feeds the generator phase's backward); then DCGAN and VAE resume from
     the step-2 checkpoint of that launch and must end bit-identical to it."""
     common = [
@@ -33,7 +33,7 @@ def test_zero2_families_train_identically_on_2_ranks_and_resume_exactly(tiny_ove
     ]
     straight = tmp_path / "straight"
     straight.mkdir()
-    families = ["gan", "dcgan", "wgan_gp", "cgan", "vae", "pix2pix", "classifier"]
+    families = ["gan", "dcgan", "wgan_gp", "cgan", "vae", "pix2pix", "classifier", "srgan"]
     proc = launch("deepspeed", straight, common, [WORKER, str(straight), ",".join(families)])
     assert_ranks_agree(straight, families, proc, samples_at=4)
     checkpoint = list_checkpoints(straight / "dcgan")[-1]

@@ -89,7 +89,7 @@ def test_every_family_trains_on_2_processes_with_identical_weights(tiny_override
     )
     assert_ranks_agree(
         tmp_path,
-        ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix", "cyclegan", "classifier"],
+        ["gan", "dcgan", "wgan", "wgan_gp", "cgan", "vae", "pix2pix", "cyclegan", "classifier", "srgan"],
         proc,
         samples_at=3,
     )

@@ -22,6 +22,7 @@ from gendist import distributed
 from gendist.config import RunConfig
 from gendist.data.loader import read_attributes, read_in_order
 from gendist.data.masks import eval_keys, mask_batch
+from gendist.data.resolution import bicubic_upsample, downsample
 from gendist.data.shards import domain_signs, read_manifest
 from gendist.eval import reference as ref_cache
 from gendist.eval.attributes import agreement_scores, hits, undefined_balanced
@@ -32,7 +33,9 @@ from gendist.eval.judge import Judge, Judged, JudgedSets, load_judge
 from gendist.eval.metrics import feature_statistics, frechet_distance, kernel_inception_distance, psd_sqrt
 from gendist.eval.precision_recall import PROTOCOL as PRECISION_RECALL_PROTOCOL
 from gendist.eval.precision_recall import precision_recall
-from gendist.families.base import Classify, Complete, Generate, Reconstruct, Sampling, Translate
+from gendist.eval.super_resolution import PROTOCOL as SR_PROTOCOL
+from gendist.eval.super_resolution import SR_METHODS, SR_METRICS, sr_metrics
+from gendist.families.base import Classify, Complete, Generate, Reconstruct, Sampling, SuperResolve, Translate
 from gendist.progress import append_jsonl, read_jsonl
 
 EVAL_LOG = "eval.jsonl"
@@ -53,6 +56,12 @@ SHOWN = (
     "psnr_telea",
     "psnr_mean_fill",
     "completed_fid",
+    "psnr_y_model",
+    "psnr_y_bicubic",
+    "ssim_y_model",
+    "ssim_y_bicubic",
+    "sr_model_fid",
+    "sr_bicubic_fid",
     "attr_mean_accuracy",
     "attr_mean_accuracy_majority",
     "attr_mean_balanced_accuracy",
@@ -244,6 +253,7 @@ class Evaluator:
             sampling.classify,
             sampling.classify_attributes,
             sampling.conditioned_on,
+            sampling.super_resolve,
         )
 
     def evaluate(
@@ -257,12 +267,13 @@ class Evaluator:
         classify: Classify | None = None,
         classify_attributes: list[str] | None = None,
         conditioned_on: list[str] | None = None,
+        super_resolve: SuperResolve | None = None,
     ) -> dict:
         """One evaluation; returns the row (on every rank) that rank 0 appends to eval.jsonl."""
         timer = Timer(self.device)
         # eval.split's statistics serve the noise samples and the completions; a translation family
         # is scored against its target domains' statistics only, a classifier against labels
-        needs_reference = generate is not None or complete is not None
+        needs_reference = generate is not None or complete is not None or super_resolve is not None
         reference = self.reference(timer) if needs_reference else None
         row: dict = {}
         if generate is not None:
@@ -275,6 +286,8 @@ class Evaluator:
             row.update(self._translations(translate, timer))
         if classify is not None:
             row.update(self._attributes(classify, classify_attributes or [], timer))
+        if super_resolve is not None:
+            row.update(self._super_resolution(super_resolve, reference, step, timer))
         row = distributed.broadcast_from_main(self.accelerator, row)
         if reference is None and not translate:  # labels only: no Inception, no reference statistics
             protocol = self.label_protocol(generator_label, row.get("attr_images", 0))
@@ -458,6 +471,49 @@ class Evaluator:
         )
         if self.accelerator.is_main_process:
             row.update(self._distances(gathered, reference, timer, prefix="completed_"))
+        return row
+
+    def _super_resolution(
+        self, super_resolve: SuperResolve, reference: ref_cache.Reference, step: int, timer: Timer
+    ) -> dict:
+        """Held-out images downsampled srgan.scale times, super-resolved by the model and upsampled
+        bicubically, both scored alike (eval.super_resolution.PROTOCOL): PSNR and SSIM on Y and RGB
+        against the originals, FID/KID against the eval.split reference."""
+        images = self._held_out_images()
+        if isinstance(images, str):
+            return {"super_resolution_skipped": images}
+        scale = self.cfg.srgan.scale
+        sums = torch.zeros(len(SR_METHODS), len(SR_METRICS), dtype=torch.float64, device=self.device)
+
+        def produce(i: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            real = unit_range(images[i:stop], self.device)
+            low = downsample(real * 2 - 1, scale)
+            with timer.phase("super_resolve"), torch.no_grad():
+                outputs = (quantised(super_resolve(low)), quantised(bicubic_upsample(low, scale)))
+            with timer.phase("super_resolution_metrics"):
+                for row, output in enumerate(outputs):
+                    scores = sr_metrics(output, real, scale)
+                    sums[row] += torch.stack([scores[name].double().sum() for name in SR_METRICS])
+            return outputs
+
+        embedded = self._embedded(len(images), produce, timer, sets=len(SR_METHODS))
+        totals = distributed.sum_across_ranks(self.accelerator, sums) / len(images)
+        row: dict = {
+            f"{metric}_{method}": value
+            for method, values in zip(SR_METHODS, totals.tolist())
+            for metric, value in zip(SR_METRICS, values)
+        }
+        pretrain_steps = self.cfg.srgan.pretrain_steps
+        row.update(
+            sr_stage="SRResNet (pixel loss)" if step <= pretrain_steps else "SRGAN (adversarial)",
+            sr_scale=scale,
+            sr_images=len(images),
+            sr_split=self.cfg.eval.recon_split,
+            sr_protocol=SR_PROTOCOL,
+        )
+        if self.accelerator.is_main_process:
+            for method, features in zip(SR_METHODS, embedded):
+                row.update(self._distances(features, reference, timer, prefix=f"sr_{method}_"))
         return row
 
     def _held_out_set(self, split: str | None = None) -> tuple[np.ndarray, np.ndarray] | str:

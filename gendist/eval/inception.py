@@ -8,7 +8,6 @@ online), an explicit path (offline clusters), or, for tests, a seeded random ini
 
 from __future__ import annotations
 
-import hashlib
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,15 +17,15 @@ import torch
 from pytorch_fid import inception as fid_inception
 from torch import nn
 
+from gendist import weights_file
+
 RANDOM = "random"
 WEIGHTS_URL = fid_inception.FID_WEIGHTS_URL
 WEIGHTS_FILE = WEIGHTS_URL.rsplit("/", 1)[1]  # pt_inception-2015-12-05-6726825d.pth
-SHA256_PREFIX = WEIGHTS_FILE.rsplit("-", 1)[1].split(".")[0]  # torch.hub's convention: the name ends in it
-# The state dict's tensors take 95,542,320 bytes; the file adds the zip/pickle framing. The exact
-# byte count is not published, so a size outside this window marks a truncated or foreign file
-# before the (definitive) sha256 check.
+SHA256_PREFIX = weights_file.hub_sha256_prefix(WEIGHTS_FILE)
+# The state dict's tensors take 95,542,320 bytes; the file adds the zip/pickle framing.
 TENSOR_BYTES = 95_542_320
-SIZE_WINDOW = (TENSOR_BYTES, TENSOR_BYTES + 4 * 2**20)
+SETTING_KEY = "eval.inception_weights"
 
 
 class InceptionWeightsError(FileNotFoundError):
@@ -34,7 +33,7 @@ class InceptionWeightsError(FileNotFoundError):
 
 
 def default_weights_path() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+    return weights_file.hub_checkpoint_path(WEIGHTS_FILE)
 
 
 def weights_id(setting: str) -> str:
@@ -43,31 +42,15 @@ def weights_id(setting: str) -> str:
 
 
 def _missing_message(path: Path, reason: str) -> str:
-    return (
-        f"FID Inception weights not found: {reason}.\n"
-        f"  On a machine with internet, download {WEIGHTS_URL}\n"
-        f"  and place it at {path}\n"
-        f"  (that is $TORCH_HOME/hub/checkpoints/{WEIGHTS_FILE}; TORCH_HOME defaults to ~/.cache/torch),\n"
-        f"  or put it anywhere and set eval.inception_weights=/path/to/{WEIGHTS_FILE}."
-    )
+    return weights_file.missing_message("FID Inception weights", WEIGHTS_URL, path, reason, SETTING_KEY)
 
 
 def verify_weights(path: Path) -> None:
-    size = path.stat().st_size
-    if not SIZE_WINDOW[0] <= size <= SIZE_WINDOW[1]:
-        raise InceptionWeightsError(
-            f"{path} has {size:,} bytes; pytorch-fid's {WEIGHTS_FILE} has about "
-            f"{TENSOR_BYTES:,}: truncated download or a different file"
-        )
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    if not digest.hexdigest().startswith(SHA256_PREFIX):
-        raise InceptionWeightsError(
-            f"{path}: sha256 {digest.hexdigest()[:16]}... does not start with {SHA256_PREFIX}; "
-            f"it is not pytorch-fid's {WEIGHTS_FILE}, and its FID would not be comparable"
-        )
+    expected = f"pytorch-fid's {WEIGHTS_FILE}"
+    weights_file.check_size(path, TENSOR_BYTES, expected, InceptionWeightsError)
+    weights_file.check_sha256_prefix(
+        path, SHA256_PREFIX, f"{expected}, and its FID would not be comparable", InceptionWeightsError
+    )
 
 
 def resolve_weights(setting: str, download_timeout_s: float = 60.0) -> Path:
@@ -115,24 +98,43 @@ def _state_dict_source(weights: Path | None):
         fid_inception._inception_v3, fid_inception.load_state_dict_from_url = original_build, original_load
 
 
+def fid_inception_network(setting: str) -> nn.Module:
+    """pytorch-fid's InceptionV3 up to pool3, in eval mode: images in [0, 1] -> [pool3 (B, 2048, 1, 1)],
+    resized to 299x299 inside. `setting` as eval.inception_weights ("random": seeded He init)."""
+    weights = None if setting == RANDOM else resolve_weights(setting)
+    with _state_dict_source(weights), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        if weights is None:
+            # PyTorch's default init shrinks activations ~3x per layer (features ~1e-8 at the
+            # end); He init keeps them O(1) so a random network still separates inputs.
+            for module in net.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return net.eval()
+
+
 class FidInception(nn.Module):
     """Images in [0, 1] (B, 3, H, W) -> pool3 features (B, 2048), as pytorch-fid computes them:
     bilinear resize to 299x299, scale to [-1, 1], Inception up to the final average pool."""
 
     def __init__(self, setting: str) -> None:
         super().__init__()
-        weights = None if setting == RANDOM else resolve_weights(setting)
-        with _state_dict_source(weights), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.net = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
-            if weights is None:
-                # PyTorch's default init shrinks activations ~3x per layer (features ~1e-8 at the
-                # end); He init keeps them O(1) so a random network still separates inputs.
-                for module in self.net.modules():
-                    if isinstance(module, nn.Conv2d):
-                        nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-        self.net.eval()
+        self.net = fid_inception_network(setting)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images.contiguous(memory_format=torch.channels_last))[0].flatten(1)
+
+
+class DreamInception(nn.Module):
+    """The FID Inception as Deep Dream sees a network: images in [-1, 1] -> pool3 features (B, 2048),
+    with gradients; its four blocks (up to pool1, pool2, Mixed_6e, pool3) are `stages`."""
+
+    def __init__(self, setting: str) -> None:
+        super().__init__()
+        self.net = fid_inception_network(setting)
+        self.stages = self.net.blocks
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net((images + 1) / 2)[0].flatten(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gendist.families import classifier, cyclegan, gan, pix2pix, vae
+from gendist.families import classifier, cyclegan, gan, pix2pix, srgan, vae
 from gendist.families.base import Family, FamilyInputs
 
 DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
@@ -17,6 +17,7 @@ DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
     "pix2pix": pix2pix.declare,
     "cyclegan": cyclegan.declare,
     "classifier": classifier.declare,
+    "srgan": srgan.declare,
 }
 
 

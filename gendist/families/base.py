@@ -30,6 +30,8 @@ Complete = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Translate = Callable[[torch.Tensor], torch.Tensor]
 # real images in [-1, 1] -> logits (B, A) over the family's attributes; > 0 predicts present
 Classify = Callable[[torch.Tensor], torch.Tensor]
+# low-resolution images in [-1, 1] (gendist.data.resolution.downsample) -> super-resolved, in [-1, 1]
+SuperResolve = Callable[[torch.Tensor], torch.Tensor]
 Stats = dict[str, torch.Tensor | float]
 
 
@@ -85,7 +87,8 @@ class Phase:
     """One kind of update: `loss(ctx)` -> (loss, stats) steps `network` (or several networks from
     one backward: CycleGAN's generators, coupled by the cycle loss); `frozen` networks are used but
     get no parameter gradients (and no gradient sync). Each of `repeats` repeats is its own update;
-    `after_update` runs after each (WGAN's weight clipping)."""
+    `after_update` runs after each (WGAN's weight clipping). `when(step)` says at which steps the
+    phase runs (None: every step; SRGAN's stages)."""
 
     name: str
     network: str | tuple[str, ...]
@@ -93,6 +96,7 @@ class Phase:
     repeats: int = 1
     frozen: tuple[str, ...] = ()
     after_update: Callable[[], None] | None = None
+    when: Callable[[int], bool] | None = None
 
     @property
     def updated(self) -> tuple[str, ...]:
@@ -117,6 +121,8 @@ class Sampling:
     classify_attributes: list[str] | None = None
     # conditional generators: the data's attribute names `generate` makes its samples have
     conditioned_on: list[str] | None = None
+    # super-resolution families: srgan.scale times the input's size (the evaluator makes the inputs)
+    super_resolve: SuperResolve | None = None
 
 
 @dataclass

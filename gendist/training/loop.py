@@ -96,6 +96,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 set_lr(updates[network.name].optimizer, network.lr * network.lr_factor(ctx.step))
             values: dict[str, torch.Tensor | float] = {}
             for phase, update in zip(family.phases, phase_updates):
+                if phase.when is not None and not phase.when(ctx.step):
+                    continue
                 ctx.repeats = phase.repeats
                 for ctx.repeat in range(phase.repeats):
                     with frozen([bare[name] for name in phase.frozen]), contextlib.ExitStack() as unsynced:

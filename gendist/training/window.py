@@ -17,13 +17,14 @@ class Diverged(RuntimeError):
 
 
 def stack_values(values: dict[str, torch.Tensor | float], names: list[str], device: torch.device) -> torch.Tensor:
-    """One float vector on `device` of a step's values (device or CPU tensors, Python numbers). A
-    number becomes a fill on the device, not a host-to-device copy, which would wait for the stream."""
+    """One float vector on `device` of a step's values in the order of `names`, 0 where a name has no
+    value this step (device or CPU tensors, Python numbers). A number becomes a fill on the device,
+    not a host-to-device copy, which would wait for the stream."""
     return torch.stack(
         [
             values[name].detach().float().reshape(()).to(device)
-            if isinstance(values[name], torch.Tensor)
-            else torch.full((), float(values[name]), device=device)
+            if isinstance(values.get(name), torch.Tensor)
+            else torch.full((), float(values.get(name, 0.0)), device=device)
             for name in names
         ]
     )
@@ -43,27 +44,36 @@ def diverged_weights(names: list[str], step: int, run_dir: Path) -> Diverged:
 
 
 class MetricWindow:
-    """Per step, the loop's values stacked in the order of `names` (fixed by the first step)."""
+    """Per step, the loop's values stacked in the order of `names` (a name is added when a step first
+    gives it: SRGAN's adversarial stage adds its losses), with which of them the step gave. A value's
+    mean is over the steps that gave it."""
 
     def __init__(self, accelerator: Accelerator, run_dir: Path) -> None:
         self.accelerator, self.run_dir = accelerator, run_dir
         self.names: list[str] = []
-        self._rows: list[torch.Tensor] = []
+        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values, given) per step
         self._last_step = 0
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def add(self, step: int, values: dict[str, torch.Tensor | float]) -> None:
-        if not self.names:
-            self.names = sorted(values)
-        self._rows.append(stack_values(values, self.names, self.accelerator.device))
+        self.names += sorted(set(values) - set(self.names))
+        device = self.accelerator.device
+        given = torch.tensor([name in values for name in self.names], dtype=torch.float32, device=device)
+        self._rows.append((stack_values(values, self.names, device), given))
         self._last_step = step
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The window's (values, given), steps x names, a name added after a step not given there."""
+        width = len(self.names)
+        padded = [[torch.nn.functional.pad(part, (0, width - len(part))) for part in row] for row in self._rows]
+        return torch.stack([values for values, _ in padded]), torch.stack([given for _, given in padded])
 
     def check(self) -> None:
         """Collective: raise Diverged if any rank added a non-finite value to this window."""
         if self._rows:
-            flag = self._not_finite(torch.stack(self._rows))
+            flag = self._not_finite(self._stacked()[0])
             if self.accelerator.reduce(flag, reduction="sum").item() > 0:
                 raise self.diverged()
 
@@ -71,9 +81,17 @@ class MetricWindow:
         """Collective: the window's means over its steps and the ranks, and whether any rank's window
         held a non-finite value (one all-reduce carries both). The window is emptied unless it did:
         then `diverged` says where."""
-        window = torch.stack(self._rows)
-        reduced = self.accelerator.reduce(torch.cat([window.mean(dim=0), self._not_finite(window)[None]]), "sum")
-        means = dict(zip(self.names, (reduced[:-1] / self.accelerator.num_processes).tolist()))
+        window, given = self._stacked()
+        steps = given.sum(dim=0)
+        sums = (window * given).sum(dim=0)
+        reduced = self.accelerator.reduce(torch.cat([sums, steps, self._not_finite(window)[None]]), "sum")
+        width = len(self.names)
+        counted = reduced[width : 2 * width]
+        means = {
+            name: total / count
+            for name, total, count in zip(self.names, reduced[:width].tolist(), counted.tolist())
+            if count
+        }
         bad = reduced[-1].item() > 0
         if not bad:
             self._rows = []
@@ -85,7 +103,7 @@ class MetricWindow:
 
     def diverged(self) -> Diverged:
         """Collective: name the first non-finite value over the ranks, then stop without a checkpoint."""
-        window = torch.stack(self._rows)
+        window = self._stacked()[0]
         device = window.device
         steps = torch.arange(self._last_step - len(window) + 1, self._last_step + 1, device=device)
         never = self._last_step + 1
