@@ -5,7 +5,8 @@ networks, batch, optimizer, EMA and precision, in one process and one invocation
     .venv/bin/python benchmarks/loop_overhead.py --precision bf16 --batch 128   # on a GPU
 
 gendist runs its one training loop (`train`) on the family's preset (configs/*_celeba64.yaml) over the embedded
-synthetic faces: its loader (one worker), metrics, progress lines, and one sample grid and one
+synthetic faces: its loader (one worker), metrics, progress lines, TensorBoard (and the same run
+with train.trackers=[], to show the tracker's cost), and one sample grid and one
 checkpoint inside the measured steps (the presets write them every 500 and 1000 steps, so this
 overstates their share). The baseline loops over batches read into memory beforehand (no loader
 at all) and does what a careful hand-written loop does: the same losses, the critic frozen in the
@@ -39,7 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"dcgan": "dcgan_celeba64", "wgan_gp": "wgan_gp_celeba64"}
 
 
-def family_config(family: str, args: argparse.Namespace, run_dir: Path, log_every: int):
+def family_config(
+    family: str, args: argparse.Namespace, run_dir: Path, log_every: int, trackers: str = "[tensorboard]"
+):
     steps = log_every * (args.windows + 1)
     middle = log_every * (args.windows // 2 + 1)  # one grid and one checkpoint inside the measured windows
     return load_config(
@@ -55,6 +58,7 @@ def family_config(family: str, args: argparse.Namespace, run_dir: Path, log_ever
             f"data.batch_size={args.batch}",
             "data.num_workers=1",
             "eval.every=0",
+            f"train.trackers={trackers}",
         ],
     )
 
@@ -158,22 +162,32 @@ def main() -> None:
         f"{name}, torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}, "
         f"precision {args.precision}, {args.rounds} rounds"
     )
-    print("| family | bare loop images/s | gendist images/s | gendist vs bare |\n|---|---|---|---|")
+    print(
+        "| family | bare loop images/s | gendist images/s | gendist vs bare | gendist without trackers images/s "
+        "| TensorBoard's cost |\n|---|---|---|---|---|---|"
+    )
     with tempfile.TemporaryDirectory() as work:
         for family in args.families:
             log_every = 10 if family == "dcgan" else 2
             probe = family_config(family, args, Path(work) / "probe", log_every)
             batches = read_batches(probe, min(64, probe.train.steps * probe.loss.n_critic), device)
-            bare, ours = [], []
+            bare, ours, untracked = [], [], []
             for round_index in range(args.rounds):
                 bare.append(bare_rate(probe, batches, device))
-                ours.append(
-                    gendist_rate(family_config(family, args, Path(work) / f"{family}-{round_index}", log_every))
-                )
-            b, g = statistics.median(bare), statistics.median(ours)
-            print(f"| {family} | {b:.1f} | {g:.1f} | {g / b:.3f} ({(1 - g / b) * 100:+.1f}% slower) |", flush=True)
+                runs = [(ours, "[tensorboard]", "tracked"), (untracked, "[]", "untracked")]
+                for rates, trackers, kind in runs if round_index % 2 == 0 else reversed(runs):  # alternate the order
+                    run_dir = Path(work) / f"{family}-{round_index}-{kind}"
+                    config = family_config(family, args, run_dir, log_every, trackers)
+                    rates.append(gendist_rate(config))
+            b, g, u = (statistics.median(rates) for rates in (bare, ours, untracked))
             print(
-                f"  rounds: bare {', '.join(f'{r:.1f}' for r in bare)}; gendist {', '.join(f'{r:.1f}' for r in ours)}"
+                f"| {family} | {b:.1f} | {g:.1f} | {g / b:.3f} ({(1 - g / b) * 100:+.1f}% slower) | {u:.1f} "
+                f"| {(1 - g / u) * 100:+.1f}% |",
+                flush=True,
+            )
+            print(
+                f"  rounds: bare {', '.join(f'{r:.1f}' for r in bare)}; gendist {', '.join(f'{r:.1f}' for r in ours)}; "
+                f"without trackers {', '.join(f'{r:.1f}' for r in untracked)}"
             )
 
 

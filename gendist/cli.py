@@ -1,14 +1,23 @@
-"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, translate, augment, dream, compare
-and sweep."""
+"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, translate, augment, dream, compare,
+sweep and config (every config key, or what a preset changes)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import augment, dream, evaluate, sweep, train, translate
+from gendist import augment, config_help, dream, evaluate, sweep, train, translate
 from gendist.config import parse_args_with_overrides
-from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, verify_shards, write_domains, write_shards
+from gendist.data.shards import (
+    CELEBA_CROP_FRACTION,
+    Preprocess,
+    check_reference,
+    load_reference,
+    verify_shards,
+    write_domains,
+    write_reference,
+    write_shards,
+)
 from gendist.data.sources import CelebASource, FolderSource, parse_carve
 from gendist.data.synthetic import SyntheticFacesSource
 
@@ -42,13 +51,31 @@ def _shard_options(parser: argparse.ArgumentParser, crop_fraction: float) -> Non
     )
 
 
-def _verify(shard_dir: str) -> int:
-    """One line per damaged shard, then a summary; exit 1 when any shard is damaged."""
+def _verify(shard_dir: str, reference_name: str | None) -> int:
+    """One line per damaged shard, then a summary; with a reference (compared only with an intact
+    set), notes, one line per field that differs from it, then its summary. Exit 1 when any shard is
+    damaged or any field differs."""
+    reference = load_reference(reference_name) if reference_name else None  # an unknown name fails first
     check = verify_shards(shard_dir, show_progress=True)
     for problem in check.problems:
         print(problem)
     print(check.summary())
-    return 0 if check.ok else 1
+    if reference is None or not check.ok:
+        return 0 if check.ok else 1
+    compared = check_reference(shard_dir, reference, show_progress=True)
+    for note in compared.notes:
+        print(f"note: {note}")
+    for mismatch in compared.mismatches:
+        print(mismatch)
+    print(compared.summary())
+    return 0 if compared.ok else 1
+
+
+def _reference(args: argparse.Namespace) -> int:
+    reference = write_reference(args.shard_dir, args.out, args.description, show_progress=True)
+    counts = ", ".join(f"{split} {entry['count']}" for split, entry in reference["splits"].items())
+    print(f"wrote {args.out}: reference {reference['name']} of {args.shard_dir} ({counts}) with its checksums")
+    return 0
 
 
 def _domains(args: argparse.Namespace) -> int:
@@ -65,7 +92,9 @@ def _domains(args: argparse.Namespace) -> int:
 
 def _shards(args: argparse.Namespace) -> int:
     if args.source == "verify":
-        return _verify(args.shard_dir)
+        return _verify(args.shard_dir, args.reference)
+    if args.source == "reference":
+        return _reference(args)
     if args.source == "domains":
         return _domains(args)
     carve = parse_carve(args.carve) if args.carve is not None else None
@@ -92,8 +121,10 @@ def _shards(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gendist", description="Train and compare GANs and VAEs on CelebA.")
     commands = parser.add_subparsers(dest="command", required=True)
-    train.add_train_arguments(
-        commands.add_parser("train", help="train in one process (use accelerate launch for more)")
+    train_parser = commands.add_parser("train", help="train in one process (use accelerate launch for more)")
+    train.add_train_arguments(train_parser)
+    train_parser.add_argument(
+        "--help-config", action=config_help.HelpConfigAction, help="list every config key (as `gendist config`)"
     )
 
     shards = commands.add_parser(
@@ -116,6 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
     _shard_options(synthetic, CELEBA_CROP_FRACTION)
     verify = sources.add_parser("verify", help="check every shard against manifest.json (sha256, size, missing, extra)")
     verify.add_argument("shard_dir", metavar="DIR", help="a folder written by `gendist shards`")
+    verify.add_argument(
+        "--reference",
+        metavar="NAME_OR_FILE",
+        default=None,
+        help="also compare counts per split, preprocessing, attributes, carve and checksums with a reference: "
+        "a name in shards/reference/ (celeba64, celeba128, celeba-sample64) or a .json file",
+    )
+    reference = sources.add_parser(
+        "reference", help="write the reference (counts, preprocessing, checksums) other sites verify against"
+    )
+    reference.add_argument("shard_dir", metavar="DIR", help="a folder written by `gendist shards`, intact")
+    reference.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="the reference .json (its name is the file's stem); a reference already there is filled in, "
+        "refused if the set does not match it",
+    )
+    reference.add_argument("--description", default=None, help="what the set is and how it was converted")
     domains = sources.add_parser(
         "domains", help="split each split of a shard set by an attribute into two domains (CycleGAN's A and B)"
     )
@@ -157,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_sweep_arguments(
         commands.add_parser("sweep", help="a Ray Tune sweep scored by FID (local or on a Ray cluster)")
     )
+    config_help.add_config_arguments(
+        commands.add_parser(
+            "config", help="every config key with its type, default and meaning, or what a preset changes"
+        )
+    )
     compare = commands.add_parser("compare", help="a Markdown report with table and figures over several runs")
     compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     compare.add_argument("--out", default="report", help="report folder (default: report/)")
@@ -190,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "sweep":
             return sweep.run_sweep(args)
+        if args.command == "config":
+            return config_help.run(args)
         return _shards(args)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"gendist: error: {err}", file=sys.stderr)

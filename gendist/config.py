@@ -28,19 +28,19 @@ class DataConfig:
     # A folder holding a shard manifest.json, or "synthetic" for the embedded procedurally drawn
     # face set (built once into the cache folder below, with the same shard code as CelebA).
     shards: str = "synthetic"
-    split: str = "train"
+    split: str = "train"  # the training split of data.shards; a union a+b reads both as one stream
     batch_size: int = 64  # per rank
     num_workers: int = 2  # loader processes per rank
     shuffle_pool: int = 2048  # images mixed together before batching
-    hflip: bool = False
-    synthetic_count: int = 8192
-    cache_dir: str = "~/.cache/gendist"
+    hflip: bool = False  # random horizontal flips of the training images
+    synthetic_count: int = 8192  # images of the embedded synthetic face set
+    cache_dir: str = "~/.cache/gendist"  # the synthetic shards and the FID reference statistics
 
 
 @dataclass
 class ModelConfig:
     name: str = "dcgan"  # a family of gendist.families.DECLARATIONS (gan, dcgan, ..., cyclegan, classifier, srgan)
-    image_size: int = 64
+    image_size: int = 64  # pixels of the (square) images trained on: a power of two >= 16
     z_dim: int = 100  # latent size (the VAE's too)
     ngf: int = 64  # generator/decoder width: 8*ngf channels at 4x4
     ndf: int = 64  # discriminator/encoder width
@@ -60,7 +60,7 @@ class LossConfig:
 
 @dataclass
 class VaeConfig:
-    likelihood: Literal["bernoulli", "gaussian", "gaussian_learned"] = "gaussian"
+    likelihood: Literal["bernoulli", "gaussian", "gaussian_learned"] = "gaussian"  # the decoder p(x|z)
     gaussian_std: float = 0.1  # fixed decoder std for "gaussian" (images in [-1, 1])
     beta: float = 1.0  # weight of the KL term
     kl_warmup_steps: int = 0  # KL weight ramps linearly from 0 to beta over these steps
@@ -70,8 +70,8 @@ class VaeConfig:
 class Pix2PixConfig:
     """Pix2Pix face inpainting: which holes, the L1 weight (lambda), the PatchGAN's depth."""
 
-    mask: Literal["centre", "rectangles", "strokes", "mixed"] = "mixed"
-    l1_weight: float = 100.0
+    mask: Literal["centre", "rectangles", "strokes", "mixed"] = "mixed"  # the holes to fill
+    l1_weight: float = 100.0  # lambda: the weight of L1 to the target beside the GAN loss
     patch_layers: int = 2  # 34 px receptive field: about half of a 64 px face
     # Training masks: a function of (mask_seed, step, global sample index), the index of sample i of
     # rank r being r * data.batch_size + i (gendist.data.masks.train_keys)
@@ -115,39 +115,39 @@ class SRGANConfig:
     scale: int = 4  # 2, 4 or 8
     blocks: int = 16  # residual blocks of the generator (model.ngf wide; the discriminator model.ndf)
     pretrain_steps: int = 1000  # SRResNet steps before the adversarial stage; >= train.steps: SRResNet only
-    pixel_loss: Literal["mse", "l1"] = "mse"
+    pixel_loss: Literal["mse", "l1"] = "mse"  # the pixel loss of both stages
     pixel_weight: float = 1.0e-2  # in the adversarial stage (the SRResNet stage's loss is the pixel loss alone)
-    content: Literal["classifier", "vgg19", "none"] = "classifier"
-    content_weight: float = 1.0
+    content: Literal["classifier", "vgg19", "none"] = "classifier"  # the content loss's feature network
+    content_weight: float = 1.0  # the content loss: MSE of the feature maps of output and target
     # content=classifier: a classifier run folder (gendist's own face network, trained on data of this
     # preprocessing) and its layer: stem, stages.0 ... stages.3
     classifier: str = ""
-    classifier_layer: str = "stages.2"
+    classifier_layer: str = "stages.2"  # content=classifier: the layer whose feature map is compared
     # content=vgg19: torchvision's vgg19-dcbb9e9d.pth ("" = $TORCH_HOME/hub/checkpoints; "random" =
     # random-init, smoke runs only) and its layer (relu5_4: the paper's VGG54)
     vgg_weights: str = ""
-    vgg_layer: str = "relu5_4"
-    adversarial_weight: float = 5.0e-3
+    vgg_layer: str = "relu5_4"  # content=vgg19: the layer (relu5_4: VGG54; relu2_2: VGG22)
+    adversarial_weight: float = 5.0e-3  # the non-saturating GAN loss in the adversarial stage
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adam", "rmsprop"] = "adam"
+    name: Literal["adam", "rmsprop"] = "adam"  # the optimizer of every network
     lr_g: float = 2e-4  # generator (or the whole VAE)
-    lr_d: float = 2e-4
+    lr_d: float = 2e-4  # discriminator / critic
     betas: tuple[float, float] = (0.5, 0.999)  # adam only
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/dcgan"
+    run_dir: str = "runs/dcgan"  # the run folder: config, metrics, grids, checkpoints; resumed if it holds one
     steps: int = 2000  # generator steps
-    seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = 25
-    sample_every: int = 250
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
+    seed: int = 0  # initial weights (the same on every rank) and each rank's noise and data order
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast of the forwards (fp16 with a loss scaler)
+    log_every: int = 25  # steps per metrics row (means over the window and the ranks)
+    sample_every: int = 250  # steps between sample grids (and at the last step)
+    checkpoint_every: int = 500  # steps between checkpoints (and at the last step, and on a stop signal)
+    keep_checkpoints: int = 3  # the newest complete checkpoints kept; older ones are deleted
     num_samples: int = 64  # images in each sample grid
     ema_decay: float = 0.999  # GANs: EMA of the generator for samples and evaluation; 0 turns it off
     # Networks (and the loader's images) in NHWC memory: faster convolutions (about 1.1x for a
@@ -157,6 +157,9 @@ class TrainConfig:
     # than this fails the job (a dead or hung peer) instead of waiting out the launch default (30
     # min gloo, 10 min NCCL). Rank 0's share of an evaluation (FID, KID) takes seconds.
     collective_timeout_s: float = 300.0
+    # Accelerate's experiment trackers (log_with), rank 0: tensorboard (<run_dir>/tensorboard), wandb,
+    # mlflow, ...; each must be installed; [] = none (metrics.jsonl and the grids are always written)
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
@@ -174,8 +177,8 @@ class EvalConfig:
     # numbers are labelled and not comparable with any published FID.
     inception_weights: str = ""
     stats_dir: str = ""  # cache of real statistics; "" = <data.cache_dir>/fid_stats
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
+    kid_subsets: int = 100  # KID: the mean (and std) over this many random subsets
+    kid_subset_size: int = 1000  # KID: images per subset (at most the smaller set)
     recon_split: str = "val"  # VAE, pix2pix: held-out split for reconstruction / inpainting scores
     recon_images: int = 2000  # VAE, pix2pix: first N images of recon_split; 0 = all
     pr_k: int = 3  # precision/recall of generated images: k of the k-NN manifolds; 0 = off

@@ -40,7 +40,11 @@ def join_restartable_group() -> None:
     )
 
 
-def build_accelerator(mixed_precision: str) -> Accelerator:
+def build_accelerator(
+    mixed_precision: str, trackers: list[str] | None = None, run_dir: str | None = None
+) -> Accelerator:
+    """The process group and device of every gendist command; a training run's also carries its
+    experiment trackers (Accelerate's log_with, writing under run_dir)."""
     # broadcast_buffers=False: the discriminator runs several forwards (real, fake) before one
     # backward, and a buffer broadcast at each forward would rewrite batch-norm state between
     # them. Buffers are averaged explicitly instead (average_buffers) before they are used.
@@ -50,7 +54,11 @@ def build_accelerator(mixed_precision: str) -> Accelerator:
     # independent single-process runs; with it, the ranks join one gloo group.
     with accelerate_without_deepspeed():
         accelerator = Accelerator(
-            mixed_precision=mixed_precision, kwargs_handlers=[ddp], cpu=not torch.cuda.is_available()
+            mixed_precision=mixed_precision,
+            kwargs_handlers=[ddp],
+            cpu=not torch.cuda.is_available(),
+            log_with=trackers or None,
+            project_dir=run_dir,
         )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:

@@ -29,7 +29,7 @@ from PIL import Image
 from gendist import distributed
 from gendist.checkpoint import CheckpointError
 from gendist.config import ConfigError, RunConfig, load_config
-from gendist.data.loader import decode_sample, read_samples
+from gendist.data.loader import decode_sample, domain_split, read_samples
 from gendist.data.shards import MANIFEST, Preprocess, read_manifest
 from gendist.data.sources import FolderSource
 from gendist.eval.evaluator import quantised, unit_range
@@ -153,7 +153,7 @@ def _inputs(args: argparse.Namespace, cfg: RunConfig, src: str, manifest: dict |
     if (source / MANIFEST).is_file():
         if args.crop_fraction is not None:
             raise ValueError(f"--crop-fraction applies to a folder of images; {source} holds preprocessed shards")
-        return ShardImages(source, args.split or f"{cfg.eval.recon_split}.{src}", cfg.model.image_size)
+        return ShardImages(source, args.split or domain_split(cfg.eval.recon_split, src), cfg.model.image_size)
     if args.split:
         raise ValueError(f"--split applies to a shard folder (with {MANIFEST}); {source} is a folder of images")
     if source.is_dir() and Path(args.out).resolve().is_relative_to(source.resolve()):

@@ -403,3 +403,20 @@ def test_read_range_and_read_attributes_refuse_a_damaged_shard(two_splits, tmp_p
         list(read_range(str(shards), "train", SIZE, 0, 10))
     with pytest.raises(ValueError, match="attribute rows of the 25"):
         read_attributes(str(shards), "train")
+
+
+def test_a_domain_of_a_union_is_the_union_of_its_parts_domains():
+    """CycleGAN on data.split=train+generated reads train.Male then generated.Male (not 'generated.Male'
+    glued to 'train')."""
+    from gendist.config import load_config
+    from gendist.data.loader import domain_split
+    from gendist.families import declare
+    from gendist.families.base import FamilyInputs
+
+    assert domain_split("train", "Male") == "train.Male"
+    assert domain_split("train+generated", "not_Male") == "train.not_Male+generated.not_Male"
+    cfg = load_config(None, ["model.name=cyclegan", "data.split=train+generated", "cyclegan.domains=[not_Male,Male]"])
+    assert declare(FamilyInputs(cfg, ["Male"])).streams == {
+        "a": "train.not_Male+generated.not_Male",
+        "b": "train.Male+generated.Male",
+    }

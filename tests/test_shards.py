@@ -14,7 +14,19 @@ from PIL import Image
 
 from gendist.cli import main as gendist_main
 from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, read_in_order
-from gendist.data.shards import Preprocess, file_sha256, read_manifest, verify_shards, write_domains, write_shards
+from gendist.data.shards import (
+    REFERENCE_DIR,
+    Preprocess,
+    check_reference,
+    file_sha256,
+    load_reference,
+    preprocessing_record,
+    read_manifest,
+    verify_shards,
+    write_domains,
+    write_reference,
+    write_shards,
+)
 from gendist.data.sources import CelebASource, FolderSource, carve_splits, parse_attributes, parse_carve
 
 
@@ -765,3 +777,190 @@ def test_domains_default_to_every_source_split_and_merge_reruns(tmp_path: Path, 
     assert domains(out, "--attribute", "Male", "--splits", "val") == 0  # the other source splits' records stay
     assert read_manifest(out)["domains"]["Male"]["splits"] == record["splits"]
     assert verify_shards(out).ok
+
+
+def shard_sha256s(shard_dir: Path) -> dict[str, str]:
+    return {s["name"]: s["sha256"] for split in read_manifest(shard_dir)["splits"].values() for s in split["shards"]}
+
+
+def test_converting_the_same_images_twice_gives_the_same_bytes(tmp_path: Path):
+    make_fake_celeba(tmp_path / "celeba", present=12, listed=12)
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "a") == 0
+    assert convert_celeba(tmp_path / "celeba", tmp_path / "b", "--workers", "2") == 0
+    assert len(shard_sha256s(tmp_path / "a")) == 4
+    assert shard_sha256s(tmp_path / "a") == shard_sha256s(tmp_path / "b")
+
+
+@pytest.fixture
+def reference_file(shard_set: Path) -> Path:
+    """The reference of `shard_set`, in its own folder."""
+    path = shard_set.parent / "references" / "fake12.json"
+    write_reference(shard_set, path, "12 fake CelebA images at 16 px")
+    return path
+
+
+def test_a_reference_written_from_a_set_verifies_it(shard_set: Path, reference_file: Path):
+    reference = load_reference(reference_file)
+    manifest = read_manifest(shard_set)
+    assert reference["name"] == "fake12" and reference["description"] == "12 fake CelebA images at 16 px"
+    assert reference["preprocessing"] == manifest["preprocessing"] == preprocessing_record(Preprocess(16))
+    assert {split: entry["count"] for split, entry in reference["splits"].items()} == {"train": 8, "val": 2, "test": 2}
+    assert all(len(entry["content_sha256"]) == 64 for entry in reference["splits"].values())
+    assert reference["layout"] == {"encoding": "raw", "images_per_sample": 2, "seed": 0}
+    check = check_reference(shard_set, reference)
+    assert check.ok and not check.notes
+    assert check.summary() == (
+        "ok: matches reference fake12 (counts of 3 splits, preprocessing, attributes, carve; "
+        "train, val, test byte for byte)"
+    )
+
+
+def test_another_layout_of_the_same_images_matches_by_content_and_jpeg_does_not(shard_set: Path, reference_file: Path):
+    reference = load_reference(reference_file)
+    source = shard_set.parent / "celeba"
+    assert (
+        convert_celeba(source, shard_set.parent / "png", "--encoding", "png", "--shard-size", "3", "--seed", "7") == 0
+    )
+    check = check_reference(shard_set.parent / "png", reference)
+    assert check.ok, check.mismatches
+    assert check.summary().endswith("carve; train, val, test by content)")
+    assert check.notes[0] == (
+        "train: content matches the reference; its shard files differ "
+        "(encoding raw vs png, images_per_sample 2 vs 1, seed 0 vs 7, shard sizes [2, 2, 2, 2] vs [3, 3, 2])"
+    )
+    assert convert_celeba(source, shard_set.parent / "jpeg", "--encoding", "jpeg") == 0
+    check = check_reference(shard_set.parent / "jpeg", reference)
+    assert [m.field for m in check.mismatches] == [f"splits.{s}.content_sha256" for s in ("train", "val", "test")]
+
+
+def changed_count(reference: dict) -> None:
+    reference["splits"]["val"]["count"] = 3
+
+
+def changed_size(reference: dict) -> None:
+    reference["preprocessing"]["size"] = 64
+
+
+def changed_checksums(reference: dict) -> None:
+    reference["splits"]["train"]["content_sha256"] = "0" * 64
+    reference["splits"]["train"]["shards"][0]["sha256"] = "1" * 64  # so the content is hashed
+
+
+def carved_val(reference: dict) -> None:
+    reference["carved"] = {"val": {"from": "train", "count": 2}}
+
+
+def fewer_attributes(reference: dict) -> None:
+    reference["attribute_names"] = reference["attribute_names"][:-1]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (changed_count, "splits.val.count: reference 3, this set 2"),
+        (changed_size, "preprocessing.size: reference 64, this set 16"),
+        (changed_checksums, f'splits.train.content_sha256: reference "{"0" * 64}", this set "'),
+        (carved_val, 'carved.val: reference {"from": "train", "count": 2}, this set absent'),
+        (fewer_attributes, "attribute_names: reference 39 names, this set 40 names, 1 not in the reference (Young)"),
+    ],
+)
+def test_a_set_that_differs_from_its_reference_names_the_field(
+    shard_set: Path, reference_file: Path, change, message: str
+):
+    reference = load_reference(reference_file)
+    change(reference)
+    check = check_reference(shard_set, reference)
+    assert [str(m) for m in check.mismatches if str(m).startswith(message)] == [str(m) for m in check.mismatches], (
+        check.mismatches
+    )
+    assert len(check.mismatches) == 1
+    assert check.summary().startswith("DIFFERS from reference fake12: 1 field(s)")
+
+
+def test_splits_added_after_the_conversion_are_left_out_of_a_reference(shard_set: Path, reference_file: Path):
+    write_domains(shard_set, "Eyeglasses", ["train"])
+    assert "train.Eyeglasses" in read_manifest(shard_set)["splits"]
+    assert check_reference(shard_set, load_reference(reference_file)).ok
+    refilled = write_reference(shard_set, reference_file)
+    assert list(refilled["splits"]) == ["train", "val", "test"]
+    assert refilled["description"] == "12 fake CelebA images at 16 px"
+
+
+def test_a_reference_is_filled_in_only_by_a_set_that_matches_it(shard_set: Path, reference_file: Path):
+    counts_only = {**load_reference(reference_file), "splits": {"train": {"count": 9}, "val": {"count": 2}}}
+    reference_file.write_text(json.dumps(counts_only))
+    with pytest.raises(ValueError, match="splits.train.count: reference 9, this set 8; splits.test.count: reference"):
+        write_reference(shard_set, reference_file)
+    assert json.loads(reference_file.read_text()) == counts_only
+    (shard_set / "train-00000.tar").write_bytes(b"damaged")
+    with pytest.raises(ValueError, match="DAMAGED: .* a reference must come from an intact set"):
+        write_reference(shard_set, shard_set.parent / "new.json")
+
+
+def test_unknown_reference_names_list_the_shipped_ones():
+    with pytest.raises(ValueError, match=r"unknown reference 'celeba32'; .* has: celeba-sample64, celeba128, celeba64"):
+        load_reference("celeba32")
+    with pytest.raises(FileNotFoundError, match="reference file missing.json not found"):
+        load_reference("missing.json")
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_shipped_full_celeba_references_hold_the_official_counts(size: int):
+    reference = load_reference(f"celeba{size}")
+    assert reference == load_reference(REFERENCE_DIR / f"celeba{size}.json")
+    counts = {split: entry["count"] for split, entry in reference["splits"].items()}
+    assert counts == {"train": 162_770, "val": 19_867, "test": 19_962} and sum(counts.values()) == 202_599
+    assert reference["dataset"] == "celeba" and reference["carved"] == {}
+    assert reference["attribute_names"] == ATTRS
+    assert reference["preprocessing"] == preprocessing_record(Preprocess(size))
+    assert not any("content_sha256" in entry for entry in reference["splits"].values())
+    assert (
+        f"gendist shards reference shards/celeba{size} --out shards/reference/celeba{size}.json"
+        in (reference["pending"])
+    )
+
+
+def test_shipped_sample_reference_holds_the_carved_sample_at_64_px():
+    reference = load_reference("celeba-sample64")
+    assert {split: entry["count"] for split, entry in reference["splits"].items()} == {
+        "train": 9500,
+        "val": 500,
+        "test": 0,
+    }
+    assert reference["carved"] == {
+        "val": {"from": "train", "requested": "500", "count": 500, "available": 10_000, "rule": "sha256(key) order"}
+    }
+    assert reference["preprocessing"] == preprocessing_record(Preprocess(64))
+    assert reference["attribute_names"] == ATTRS
+    assert reference["layout"] == {"encoding": "raw", "images_per_sample": 64, "seed": 0}
+    assert [[s["count"] for s in reference["splits"][split]["shards"]] for split in ("train", "val")] == [
+        [4096, 4096, 1308],
+        [500],
+    ]
+    assert all(len(reference["splits"][split]["content_sha256"]) == 64 for split in ("train", "val"))
+
+
+def test_verify_against_a_reference_prints_each_difference_and_exits_1(shard_set: Path, reference_file: Path, capsys):
+    capsys.readouterr()
+    assert gendist_main(["shards", "verify", str(shard_set), "--reference", str(reference_file)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ok: matches reference fake12 (")
+    reference = load_reference(reference_file)
+    changed_count(reference)
+    changed_size(reference)
+    reference_file.write_text(json.dumps(reference))
+    assert gendist_main(["shards", "verify", str(shard_set), "--reference", str(reference_file)]) == 1
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        "preprocessing.size: reference 64, this set 16",
+        "splits.val.count: reference 3, this set 2",
+        "DIFFERS from reference fake12: 2 field(s) (counts of 3 splits, preprocessing, attributes, carve; "
+        "train, test byte for byte)",
+    ]
+    assert gendist_main(["shards", "verify", str(shard_set), "--reference", "celeba32"]) == 2
+    assert "unknown reference 'celeba32'; " in capsys.readouterr().err
+
+
+def test_reference_command_writes_a_reference_the_set_verifies_against(shard_set: Path, capsys):
+    out = shard_set.parent / "mine.json"
+    assert gendist_main(["shards", "reference", str(shard_set), "--out", str(out), "--description", "mine"]) == 0
+    assert f"wrote {out}: reference mine of {shard_set} (train 8, val 2, test 2)" in capsys.readouterr().out
+    assert gendist_main(["shards", "verify", str(shard_set), "--reference", str(out)]) == 0

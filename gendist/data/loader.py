@@ -77,6 +77,11 @@ def split_parts(split: str) -> list[str]:
     return parts
 
 
+def domain_split(split: str, domain: str) -> str:
+    """Domain `domain` of a split or union (gendist shards domains): train -> train.Male, a+b -> a.Male+b.Male."""
+    return "+".join(f"{part}.{domain}" for part in split_parts(split))
+
+
 def _split_layout(shard_dir: str, split: str, image_size: int) -> tuple[dict, list[_Shard]]:
     """The manifest and the split's shards, checked against the model's size and for images. A union
     "a+b" of splits of the shard set is one sequence: a's shards, then b's (see split_parts)."""

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 
 from gendist import distributed
 from gendist.config import RunConfig
-from gendist.data.loader import read_attributes, read_in_order
+from gendist.data.loader import domain_split, read_attributes, read_in_order
 from gendist.data.masks import eval_keys, mask_batch
 from gendist.data.resolution import bicubic_upsample, downsample
 from gendist.data.shards import domain_signs, read_manifest
@@ -617,7 +617,7 @@ class Evaluator:
     # -- translation ---------------------------------------------------------------------------
     def _targets(self, translate: dict[tuple[str, str], Translate]) -> list[str]:
         """The reference splits of the translations' target domains, each once."""
-        return list(dict.fromkeys(f"{self.cfg.eval.split}.{dst}" for _, dst in translate))
+        return list(dict.fromkeys(domain_split(self.cfg.eval.split, dst) for _, dst in translate))
 
     def _translations(self, translate: dict[tuple[str, str], Translate], timer: Timer) -> dict:
         """Each direction's scores (see TRANSLATION_PROTOCOL), what they were measured on, and the
@@ -629,7 +629,7 @@ class Evaluator:
         skipped: dict[str, str] = {}
         for src, dst in translate:
             direction = f"{src}_to_{dst}"
-            splits[direction] = {"source": f"{ev.recon_split}.{src}", "reference": f"{ev.split}.{dst}"}
+            splits[direction] = {"source": domain_split(ev.recon_split, src), "reference": domain_split(ev.split, dst)}
             scores = self._translation(src, dst, translate[(src, dst)], translate.get((dst, src)), timer)
             if isinstance(scores, str):
                 skipped[direction] = scores
@@ -648,12 +648,12 @@ class Evaluator:
         images untranslated (measured at the first evaluation), against `dst`'s reference (rank 0); the
         cycle error where the way `back` is given (all ranks). Or why the direction cannot be scored."""
         ev = self.cfg.eval
-        reference = self.reference(timer, f"{ev.split}.{dst}")
-        images = self._held_out_images(f"{ev.recon_split}.{src}")
+        reference = self.reference(timer, domain_split(ev.split, dst))
+        images = self._held_out_images(domain_split(ev.recon_split, src))
         if isinstance(images, str):
             return images
         if len(images) < 2:
-            return f"'{ev.recon_split}.{src}' holds {len(images)} image: FID and KID need at least 2"
+            return f"'{domain_split(ev.recon_split, src)}' holds {len(images)} image: FID and KID need at least 2"
         errors = torch.zeros((), dtype=torch.float64, device=self.device)
         baseline = (src, dst) not in self._identity  # the same decision on every rank
 

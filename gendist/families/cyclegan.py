@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torchvision.utils import save_image
 
+from gendist.data.loader import domain_split
 from gendist.distributed import rank_seed
 from gendist.families.base import (
     Family,
@@ -110,7 +111,7 @@ def declare(inputs: FamilyInputs) -> Family:
             """Rows of 8: A | G(A) | F(G(A)), then B | F(B) | G(F(B))."""
             for stream, domain in (("a", domain_a), ("b", domain_b)):
                 if stream not in grids:
-                    spec = dataclasses.replace(inputs.spec, split=f"{cfg.data.split}.{domain}")
+                    spec = dataclasses.replace(inputs.spec, split=domain_split(cfg.data.split, domain))
                     grids[stream] = fixed_real_batch(spec, GRID_IMAGES).to(device)
             a, b = grids["a"], grids["b"]
             with torch.no_grad():
@@ -145,6 +146,6 @@ def declare(inputs: FamilyInputs) -> Family:
             Phase("discriminator_b", "discriminator_b", critic_loss("b")),
         ],
         sampling=sampling,
-        streams={"a": f"{cfg.data.split}.{domain_a}", "b": f"{cfg.data.split}.{domain_b}"},
+        streams={"a": domain_split(cfg.data.split, domain_a), "b": domain_split(cfg.data.split, domain_b)},
         per_rank={f"pool_{stream}": pool for stream, pool in pools.items()},
     )

@@ -14,7 +14,7 @@ from torch import nn
 
 from gendist import distributed, engines
 from gendist.config import ConfigError, RunConfig
-from gendist.data.loader import StreamSpec, batches_per_epoch
+from gendist.data.loader import StreamSpec, batches_per_epoch, domain_split
 from gendist.data.shards import read_manifest
 from gendist.eval.evaluator import EVAL_LOG, Evaluator
 from gendist.families.base import Sampling
@@ -24,6 +24,7 @@ from gendist.training.checkpointing import Checkpointed
 from gendist.training.config_record import record_config, record_data
 from gendist.training.outputs import Outputs
 from gendist.training.stream import DEFAULT_STREAM, Streams, TrainState, checked_stream, resolve_shards
+from gendist.training.tracking import Trackers, checked_trackers
 from gendist.training.window import MetricWindow
 
 
@@ -34,7 +35,9 @@ class Session:
         self.cfg = cfg
         deepspeed = engines.launch_settings()
         # Under DeepSpeed the engines own mixed precision; the Accelerator only runs the process group.
-        self.accelerator = accelerator = distributed.build_accelerator("no" if deepspeed else cfg.train.mixed_precision)
+        self.accelerator = accelerator = distributed.build_accelerator(
+            "no" if deepspeed else cfg.train.mixed_precision, checked_trackers(cfg.train.trackers), cfg.train.run_dir
+        )
         engine_config = engines.engine_config(deepspeed, cfg, accelerator.num_processes) if deepspeed else None
         self.engine_config = engine_config
         self.device = accelerator.device
@@ -58,6 +61,8 @@ class Session:
         self.window = MetricWindow(accelerator, self.run_dir)
         self._window_start, self._window_images_start = time.perf_counter(), 0
         self.reporter: Reporter | None = None
+        self.trackers: Trackers | None = None  # started at resume, when the step to continue from is known
+        self._final: dict = {}  # the latest window's values and evaluation: the run's final metrics at its end
         self.outputs = Outputs(
             accelerator, Evaluator(cfg, accelerator, shard_dir), self.run_dir, self.checkpointed.modules
         )
@@ -110,7 +115,7 @@ class Session:
             evaluator.reference()
         elif sampling.translate:  # a translation family scores against its target domains
             for _, target in sampling.translate:
-                evaluator.reference(split=f"{ev.split}.{target}")
+                evaluator.reference(split=domain_split(ev.split, target))
 
     def resume(self) -> None:
         """Record the config, load the latest readable checkpoint, if any, and start reporting. Rows
@@ -128,6 +133,7 @@ class Session:
             drop_rows_after(self.run_dir / "metrics.jsonl", self.state.step)
             drop_rows_after(self.run_dir / EVAL_LOG, self.state.step, lambda row: row.get("source") == "training")
         self.reporter = Reporter(self.run_dir, self.cfg.train.steps, self.state.step, self.accelerator.is_main_process)
+        self.trackers = Trackers(self.accelerator, self.cfg, self.state.step)
         self._window_start, self._window_images_start = time.perf_counter(), self.state.images_seen
 
     # -- data --------------------------------------------------------------------------------
@@ -162,6 +168,7 @@ class Session:
                 distributed.average_buffers(self.accelerator, module)
         if sample:
             self.outputs.write_grids(self.state.step)
+            self.trackers.grids(self.run_dir / "samples", self.state.step)
         if evaluate:
             self.evaluate()
         if saved:
@@ -186,6 +193,8 @@ class Session:
         started = time.perf_counter()
         row, summary = self.outputs.evaluate(self.state.step, self.state.images_seen)
         self.reporter.message(summary)
+        self.trackers.evaluation(self.state.step, row)
+        self._final.update({f"eval/{key}": value for key, value in row.items()})
         self._window_start += time.perf_counter() - started
         return row
 
@@ -200,17 +209,17 @@ class Session:
             "epoch" if name == DEFAULT_STREAM else f"epoch_{name}": position.epoch
             for name, position in self.state.positions.items()
         }
-        self.reporter.log(
-            self.state.step,
-            {
-                **means,
-                "images_per_s": images / seconds,
-                "data_errors": errors,
-                "data_short": short,
-                **epochs,
-                "images_seen": self.state.images_seen,
-            },
-        )
+        logged = {
+            **means,
+            "images_per_s": images / seconds,
+            "data_errors": errors,
+            "data_short": short,
+            **epochs,
+            "images_seen": self.state.images_seen,
+        }
+        self.reporter.log(self.state.step, logged)
+        self.trackers.scalars(self.state.step, logged)
+        self._final.update(logged)
         if short:
             self.reporter.message(
                 f"warning: the shards delivered {short} images fewer than the manifest lists in this "
@@ -261,6 +270,10 @@ class Session:
         self.stop_requests.restore()
         if self.reporter is not None:
             self.reporter.close()
+        if self.trackers is not None:
+            if exc_type is None and self.state.step == self.cfg.train.steps:
+                self.trackers.finish(self._final)
+            self.trackers.close()
         if exc_type is None and self.state.train_seconds > 0:
             distributed.rank_print(
                 self.accelerator,
