@@ -42,7 +42,7 @@ PRESETS = {
 # (a random-init VGG19 costs what torchvision's weights do)
 EXTRA = {
     "cgan": ["model.attributes=[Male,Smiling,Blond_Hair,Eyeglasses]"],
-    "srgan_pixel": ["srgan.pretrain_steps=100000"],
+    "srgan_pixel": ["srgan.pretrain_steps=100000", "srgan.content=none"],  # stage 1 has no content term
     "srgan_adversarial": ["srgan.pretrain_steps=0", "srgan.content=vgg19", "srgan.vgg_weights=random"],
 }
 

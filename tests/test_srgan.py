@@ -109,6 +109,8 @@ def test_the_classifier_content_loss_and_bf16(tiny_overrides, tmp_path):
     result = train(load_config(None, overrides))
     row = read_jsonl(result.run_dir / "metrics.jsonl")[-1]
     assert row["loss_content"] > 0 and all(torch.isfinite(p).all() for p in result["generator"].parameters())
+    with pytest.raises(FileNotFoundError, match="srgan.classifier=.*nowhere is not a run folder"):
+        train(load_config(None, [*overrides, f"srgan.classifier={tmp_path / 'nowhere'}"]))
     with pytest.raises(ValueError, match="is not one of stem, stages.0"):
         train(load_config(None, [*overrides, "srgan.classifier_layer=head", f"train.run_dir={tmp_path / 'b'}"]))
 

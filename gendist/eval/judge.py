@@ -50,18 +50,19 @@ class Judge:
         return [names.index(name) for name in shared], [self.attributes.index(name) for name in shared]
 
 
-def load_judge(run_dir: str | Path, device: torch.device, preprocessing: dict) -> Judge:
-    """The classifier of `run_dir` (latest complete checkpoint) for data converted with `preprocessing`."""
+def load_judge(run_dir: str | Path, device: torch.device, preprocessing: dict, key: str = "eval.classifier") -> Judge:
+    """The classifier of `run_dir` (latest complete checkpoint) for data converted with `preprocessing`;
+    `key` is the setting that named it (errors quote it)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"eval.classifier={run_dir} is not a run folder (no config.yaml)")
+        raise FileNotFoundError(f"{key}={run_dir} is not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.model.name != "classifier":
-        raise ConfigError(f"eval.classifier={run_dir} is a {cfg.model.name} run; it must be a classifier run")
+        raise ConfigError(f"{key}={run_dir} is a {cfg.model.name} run; it must be a classifier run")
     trained_on = read_data_record(run_dir)
     if trained_on is None:
         raise ConfigError(
-            f"eval.classifier={run_dir} has no {DATA_RECORD} (what it was trained on, written at each launch "
+            f"{key}={run_dir} has no {DATA_RECORD} (what it was trained on, written at each launch "
             f"since gendist records it): relaunch it once, `gendist train --config {run_dir / 'config.yaml'}`; "
             "a finished run resumes, writes it and ends"
         )
@@ -69,7 +70,7 @@ def load_judge(run_dir: str | Path, device: torch.device, preprocessing: dict) -
     differing = [key for key in MATCHED if theirs.get(key) != ours.get(key)]
     if differing:
         raise ConfigError(
-            f"eval.classifier={run_dir} was trained on images preprocessed otherwise than these "
+            f"{key}={run_dir} was trained on images preprocessed otherwise than these "
             + "; ".join(f"{key}: {theirs.get(key)!r} there, {ours.get(key)!r} here" for key in differing)
         )
     checkpoint = find_checkpoint(run_dir, None)

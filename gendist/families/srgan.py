@@ -53,7 +53,8 @@ def content_network(cfg: RunConfig, shard_dir: str) -> nn.Module | None:
         return VGG19Features(settings.vgg_weights, settings.vgg_layer)
     from gendist.eval.judge import load_judge  # the judge's checks: a classifier run, trained on this preprocessing
 
-    classifier = load_judge(settings.classifier, torch.device("cpu"), read_manifest(shard_dir)["preprocessing"])
+    preprocessing = read_manifest(shard_dir)["preprocessing"]
+    classifier = load_judge(settings.classifier, torch.device("cpu"), preprocessing, "srgan.classifier")
     return ClassifierLayer(classifier.network, settings.classifier_layer)
 
 
