@@ -104,5 +104,6 @@ class Trackers:
                 tracker.writer.add_hparams(flat_hyperparameters(self.cfg), metrics, run_name=".")
 
     def close(self) -> None:
-        if self.names:
-            self.accelerator.end_training()
+        """Flush and close the writers (not Accelerator.end_training, which also ends the process group)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
