@@ -134,9 +134,6 @@ def declare(inputs: FamilyInputs) -> Family:
         model = bare.get("generator_ema", bare["generator"])
         device = next(model.parameters()).device
 
-        def super_resolve(low: torch.Tensor) -> torch.Tensor:
-            return model(low)
-
         def write_grids(folder: Path, step: int) -> None:
             """Rows of 8: bicubic | super-resolved | target, on the first held-out images."""
             real = torch.from_numpy(held_out).to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -147,7 +144,7 @@ def declare(inputs: FamilyInputs) -> Family:
             save_image(shown, folder / f"step_{step:07d}.png", nrow=GRID_IMAGES, normalize=True, value_range=(-1, 1))
 
         label = "SRGAN generator EMA" if "generator_ema" in bare else "SRGAN generator"
-        return Sampling(None, label, write_grids, super_resolve=super_resolve)
+        return Sampling(None, label, write_grids, super_resolve=model)
 
     ema = cfg.train.ema_decay > 0
     return Family(

@@ -51,7 +51,8 @@ class MetricWindow:
     def __init__(self, accelerator: Accelerator, run_dir: Path) -> None:
         self.accelerator, self.run_dir = accelerator, run_dir
         self.names: list[str] = []
-        self._rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (values, given) per step
+        self._rows: list[torch.Tensor] = []  # per step, its values on the device (0 where not given)
+        self._given: list[list[bool]] = []  # per step, on the host: which of the names it gave
         self._last_step = 0
 
     def __len__(self) -> int:
@@ -59,16 +60,17 @@ class MetricWindow:
 
     def add(self, step: int, values: dict[str, torch.Tensor | float]) -> None:
         self.names += sorted(set(values) - set(self.names))
-        device = self.accelerator.device
-        given = torch.tensor([name in values for name in self.names], dtype=torch.float32, device=device)
-        self._rows.append((stack_values(values, self.names, device), given))
+        self._rows.append(stack_values(values, self.names, self.accelerator.device))
+        self._given.append([name in values for name in self.names])
         self._last_step = step
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The window's (values, given), steps x names, a name added after a step not given there."""
+        """The window's (values, given), steps x names, a name added after a step not given there; the
+        given mask goes to the device once per window, not once per step."""
         width = len(self.names)
-        padded = [[torch.nn.functional.pad(part, (0, width - len(part))) for part in row] for row in self._rows]
-        return torch.stack([values for values, _ in padded]), torch.stack([given for _, given in padded])
+        values = torch.stack([torch.nn.functional.pad(row, (0, width - len(row))) for row in self._rows])
+        given = [row + [False] * (width - len(row)) for row in self._given]
+        return values, torch.tensor(given, dtype=torch.float32, device=values.device)
 
     def check(self) -> None:
         """Collective: raise Diverged if any rank added a non-finite value to this window."""
@@ -94,7 +96,7 @@ class MetricWindow:
         }
         bad = reduced[-1].item() > 0
         if not bad:
-            self._rows = []
+            self._rows, self._given = [], []
         return means, bad
 
     @staticmethod
