@@ -52,17 +52,9 @@ from accelerate.utils import gather_object
 from gendist import distributed
 from gendist.checkpoint import CheckpointError
 from gendist.config import ConfigError, RunConfig, load_config
+from gendist.data.domains import domain_signs
 from gendist.data.loader import read_attributes, read_range, split_parts
-from gendist.data.shards import (
-    FORMAT,
-    MANIFEST,
-    _DomainShards,
-    _encoded,
-    _image_sample,
-    _npy_bytes,
-    domain_signs,
-    read_manifest,
-)
+from gendist.data.shards import FORMAT, MANIFEST, SplitWriter, encoded_image, image_sample, npy_bytes, read_manifest
 from gendist.eval.evaluator import quantised, unit_range
 from gendist.families.base import Generate, Sampling, Translate
 from gendist.trained import find_checkpoint, load_sampling
@@ -344,7 +336,7 @@ def write_share(
 ) -> list[dict]:
     """Images start..stop-1 into this rank's shards, as .partial files: their manifest entries."""
     raw, per_sample = layout["encoding"] == "raw", layout["images_per_sample"]
-    writer = _DomainShards(out, prefix, raw, per_sample, layout["shard_size"])
+    writer = SplitWriter(out, prefix, raw, per_sample, layout["shard_size"])
     key_stem = split.replace(".", "_")
     try:
         index = start
@@ -355,7 +347,8 @@ def write_share(
                 writer.add_block(images, attrs, keys)
             else:
                 for key, image, row in zip(keys, images, attrs):
-                    writer.add_sample(_image_sample(key, *_encoded(image, layout["encoding"]), _npy_bytes(row[None])))
+                    stored = encoded_image(image, layout["encoding"])
+                    writer.add_sample(image_sample(key, *stored, npy_bytes(row[None])))
         writer.close()
         if index != stop:
             raise RuntimeError(f"made {index - start} images of the {stop - start} of this rank's share")

@@ -8,16 +8,9 @@ import sys
 
 from gendist import augment, config_help, dream, evaluate, sweep, train, translate
 from gendist.config import parse_args_with_overrides
-from gendist.data.shards import (
-    CELEBA_CROP_FRACTION,
-    Preprocess,
-    check_reference,
-    load_reference,
-    verify_shards,
-    write_domains,
-    write_reference,
-    write_shards,
-)
+from gendist.data.domains import write_domains
+from gendist.data.shard_references import check_reference, load_reference, write_reference
+from gendist.data.shards import CELEBA_CROP_FRACTION, Preprocess, verify_shards, write_shards
 from gendist.data.sources import CelebASource, FolderSource, parse_carve
 from gendist.data.synthetic import SyntheticFacesSource
 

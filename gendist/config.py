@@ -160,6 +160,10 @@ class TrainConfig:
     # Accelerate's experiment trackers (log_with), rank 0: tensorboard (<run_dir>/tensorboard), wandb,
     # mlflow, ...; each must be installed; [] = none (metrics.jsonl and the grids are always written)
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    # torch.compile (inductor) of every trained network's forward and backward, in this mode:
+    # default; reduce-overhead (+ CUDA graphs on a GPU); max-autotune; "no" = eager. Input gradients
+    # (WGAN-GP's penalty, a double backward compile cannot take) go through the eager network.
+    compile: Literal["no", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "no"
 
 
 @dataclass

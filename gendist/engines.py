@@ -24,6 +24,8 @@ from torch import nn
 from gendist.config import ConfigError, RunConfig
 
 USE_DEEPSPEED = "ACCELERATE_USE_DEEPSPEED"
+# torch.compile modes that capture CUDA graphs on a GPU
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 MAX_BUCKET = 25 * 2**20 // 4  # elements per ZeRO reduce / all-gather bucket: DDP's 25 MiB of fp32
 
 
@@ -133,6 +135,11 @@ def engine_config(settings: dict[str, Any], cfg: RunConfig, world_size: int) -> 
             "weights (the generator EMA and the plain checkpoints need fp32), and its autocast mode has "
             "no loss scaler with ZeRO; use train.mixed_precision=bf16"
         )
+    if cfg.train.compile != "no":
+        raise ConfigError(
+            f"train.compile={cfg.train.compile} under DeepSpeed is refused: an engine compiles through its "
+            "own engine.compile, which gendist does not drive yet; use train.compile=no, or a DDP launch"
+        )
     accumulation = config.get("gradient_accumulation_steps", 1)
     if accumulation not in (1, "auto"):
         raise ConfigError(
@@ -206,12 +213,23 @@ def no_sync(accelerator: Accelerator, model: nn.Module) -> contextlib.AbstractCo
     return contextlib.nullcontext() if is_engine(model) else accelerator.no_sync(model)
 
 
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    """`model` (DDP-wrapped or bare) under torch.compile in `mode`, or as it is for "no". Compiling
+    the DDP wrapper lets Dynamo split the graph at DDP's gradient buckets, so the all-reduce still
+    overlaps the backward."""
+    return model if mode == "no" else torch.compile(model, mode=mode)
+
+
 def for_input_gradients(model: nn.Module) -> Callable[..., torch.Tensor]:
     """The network to take input gradients through (autograd.grad, as the gradient penalty does).
-    A DeepSpeed engine treats every backward through its outputs as its training backward and would
-    reduce and clear gradients at the end of the penalty's autograd.grad; its bare module under the
-    engine's autocast computes the same function on the same parameters, whose gradients the engine
-    then reduces in the one backward of the total loss. DDP modules are used as they are."""
+    A compiled network's eager original: compiled graphs cannot take the double backward of a loss
+    on input gradients. A DeepSpeed engine treats every backward through its outputs as its training
+    backward and would reduce and clear gradients at the end of the penalty's autograd.grad; its bare
+    module under the engine's autocast computes the same function on the same parameters, whose
+    gradients the engine then reduces in the one backward of the total loss. DDP modules are used
+    as they are."""
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return model._orig_mod
     if not is_engine(model):
         return model
     from deepspeed.runtime.torch_autocast import autocast_if_enabled

@@ -16,7 +16,8 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 from PIL import Image
 
-from gendist.data.shards import Preprocess, write_domains, write_shards
+from gendist.data.domains import write_domains
+from gendist.data.shards import Preprocess, write_shards
 from gendist.data.synthetic import SyntheticFacesSource
 from gendist.training.session import Session
 

@@ -13,18 +13,15 @@ from conftest import ATTRS, make_fake_celeba
 from PIL import Image
 
 from gendist.cli import main as gendist_main
+from gendist.data.domains import write_domains
 from gendist.data.loader import ShardStream, StreamSpec, batches_per_epoch, read_in_order
+from gendist.data.shard_references import REFERENCE_DIR, check_reference, load_reference, write_reference
 from gendist.data.shards import (
-    REFERENCE_DIR,
     Preprocess,
-    check_reference,
     file_sha256,
-    load_reference,
     preprocessing_record,
     read_manifest,
     verify_shards,
-    write_domains,
-    write_reference,
     write_shards,
 )
 from gendist.data.sources import CelebASource, FolderSource, carve_splits, parse_attributes, parse_carve

@@ -20,10 +20,11 @@ from accelerate import Accelerator
 
 from gendist import distributed
 from gendist.config import RunConfig
+from gendist.data.domains import domain_signs
 from gendist.data.loader import domain_split, read_attributes, read_in_order
 from gendist.data.masks import eval_keys, mask_batch
 from gendist.data.resolution import bicubic_upsample, downsample
-from gendist.data.shards import domain_signs, read_manifest
+from gendist.data.shards import read_manifest
 from gendist.eval import reference as ref_cache
 from gendist.eval.attributes import agreement_scores, hits, undefined_balanced
 from gendist.eval.inception import FidInception, weights_id

@@ -70,7 +70,7 @@ def train(cfg: RunConfig) -> TrainResult:
         nets[network.name], updates[network.name] = session.prepare(
             network.name, network.module, network.optimizer, optimizer
         )
-        bare[network.name] = session.accelerator.unwrap_model(nets[network.name])
+        bare[network.name] = session.accelerator.unwrap_model(nets[network.name], keep_torch_compile=False)
     for name, ema in emas.items():
         session.register(f"{name}_ema", ema)
         bare[f"{name}_ema"] = ema.module
@@ -91,6 +91,7 @@ def train(cfg: RunConfig) -> TrainResult:
     ctx = StepContext(nets, bare, session.next_batch, session.device, rank)
     with session:
         while session.running:
+            session.begin_step()
             ctx.step, ctx.scratch = session.state.step + 1, {}
             for network in scheduled:
                 set_lr(updates[network.name].optimizer, network.lr * network.lr_factor(ctx.step))

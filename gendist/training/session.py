@@ -87,9 +87,15 @@ class Session:
             self.register(name, engine)  # whole weights in state.pt, optimizer shards in deepspeed/<name>
             return engine, engines.EngineUpdate(engine)
         model, optimizer = self.accelerator.prepare(model, optimizer)
-        self.register(name, model)
+        self.register(name, model)  # the eager module: checkpoints hold its plain keys, compiled or not
         self.register(optimizer_name, optimizer)
-        return model, engines.AcceleratorUpdate(self.accelerator, optimizer)
+        return engines.compiled(model, self.cfg.train.compile), engines.AcceleratorUpdate(self.accelerator, optimizer)
+
+    def begin_step(self) -> None:
+        """Under CUDA graphs (train.compile=reduce-overhead on a GPU), the outputs of the last step's
+        graphs may be overwritten from here on."""
+        if self.device.type == "cuda" and self.cfg.train.compile in engines.CUDA_GRAPH_MODES:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def no_sync(self, model: nn.Module):
         """For a backward that gives `model` no gradients (its parameters frozen)."""
