@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+COMPILE_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to a module's state-dict keys
 STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 
@@ -159,12 +160,24 @@ def remove_leftovers(root: Path) -> None:
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The shared state and this rank's own, {"rng": ..., "state": {name: state dict}} (None if the
     run had fewer ranks)."""
-    shared = safe_load(path / "state.pt")
+    shared = without_compile_prefix(safe_load(path / "state.pt"))
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.is_file():
         return shared, None
     mine = safe_load(rank_file)
     return shared, mine if "rng" in mine else {"rng": mine, "state": {}}  # checkpoints before per-rank state
+
+
+def without_compile_prefix(shared: dict[str, Any]) -> dict[str, Any]:
+    """The networks' state dicts with the `_orig_mod.` of a torch.compile wrapper taken out of their
+    keys: checkpoints that a launcher-compiled run wrote (accelerate launch --dynamo_backend)
+    before gendist saved the eager module's keys load compiled or not."""
+    return {
+        name: {key.replace(COMPILE_PREFIX, ""): item for key, item in value.items()}
+        if isinstance(value, dict) and any(isinstance(key, str) and COMPILE_PREFIX in key for key in value)
+        else value
+        for name, value in shared.items()
+    }
 
 
 def safe_load(path: Path) -> Any:

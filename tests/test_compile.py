@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_ranks_agree, launch
+from conftest import REPO, assert_ranks_agree, assert_same_weights, launch
 
 from gendist.checkpoint import load_checkpoint
 from gendist.config import ConfigError, load_config
 from gendist.engines import engine_config
+from gendist.trained import load_network
 from gendist.training.loop import train
 
 # Per-step losses of a compiled run against the eager run's, and the weights after a resume.
@@ -80,3 +81,23 @@ def test_compiled_families_train_on_2_processes_with_identical_weights(tiny_over
         [str(REPO / "tests" / "family_worker.py"), str(tmp_path), "wgan_gp,cyclegan"],
     )
     assert_ranks_agree(tmp_path, ["wgan_gp", "cyclegan"], proc, samples_at=2)
+
+
+def test_checkpoints_with_compiled_keys_resume_and_load(tiny_overrides, tmp_path):
+    """A checkpoint whose networks carry torch.compile's `_orig_mod.` (as runs compiled by the
+    launcher wrote them) resumes exactly and loads for evaluation."""
+    common = [*tiny_overrides, "train.checkpoint_every=2"]
+    straight = train(load_config(None, [*common, "train.steps=4", f"train.run_dir={tmp_path / 'a'}"]))
+    run = tmp_path / "b"
+    train(load_config(None, [*common, "train.steps=2", f"train.run_dir={run}"]))
+    state_file = run / "checkpoints" / "step_0000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    for network in ("generator", "discriminator"):
+        state[network] = {f"_orig_mod.{key}": value for key, value in state[network].items()}
+    torch.save(state, state_file)
+
+    loaded = load_network(run, run / "checkpoints" / "step_0000002", "discriminator", [])
+    assert loaded.module.state_dict().keys() == straight["discriminator"].state_dict().keys()
+    resumed = train(load_config(None, [*common, "train.steps=4", f"train.run_dir={run}"]))
+    for network in ("generator", "discriminator"):
+        assert_same_weights(straight[network].state_dict(), resumed[network].state_dict())

@@ -84,7 +84,7 @@ class Checkpointed:
         for name, obj in self.shared.items():
             if name in sharded:
                 continue
-            target = self.accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj
+            target = self.accelerator.unwrap_model(obj, keep_torch_compile=False) if isinstance(obj, nn.Module) else obj
             target.load_state_dict(shared[name])
         if self.accelerator.scaler is not None and "scaler" in shared:
             self.accelerator.scaler.load_state_dict(shared["scaler"])
@@ -180,7 +180,10 @@ class Checkpointed:
         if distributed.any_rank(self.accelerator, bool(unfinite)):
             raise diverged_weights(unfinite, self.state.step, self.run_dir)
         shared: dict[str, Any] = {
-            name: (self.accelerator.unwrap_model(obj) if isinstance(obj, nn.Module) else obj).state_dict()
+            # the eager module's keys, whatever compiled it (train.compile, or the launcher's dynamo setting)
+            name: (
+                self.accelerator.unwrap_model(obj, keep_torch_compile=False) if isinstance(obj, nn.Module) else obj
+            ).state_dict()
             for name, obj in self.shared.items()
         }
         shared["train_state"] = self.state.state_dict()
