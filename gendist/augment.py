@@ -399,7 +399,7 @@ def augment_run(args: argparse.Namespace) -> int:
     checkpoint = find_checkpoint(run_dir, args.checkpoint)
     if args.shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
-    accelerator = distributed.build_accelerator("no")
+    accelerator = distributed.build_fp32_accelerator()
     shard_dir = resolve_shards(cfg, accelerator)
     source = read_manifest(shard_dir)
     target = check_target(out, source, args.split, args.replace)

@@ -3,7 +3,7 @@
 Every rank writes its RNG state into a hidden partial folder and rank 0 the shared state; every
 rank fsyncs the files, rank 0 the folders, then renames the folder into place (and fsyncs its parent), so a
 folder with a final name is always complete, also after a power loss (a killed run leaves only a
-partial folder, which the next save removes). Old checkpoints are pruned by renaming them out of
+partial folder, which the next start or save removes). Old checkpoints are pruned by renaming them out of
 the way first, so no half-deleted folder keeps a final name. Loading uses
 torch.load(weights_only=True): no pickled code runs from a checkpoint.
 """
@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+
+from gendist import disk, distributed
 
 COMPILE_PREFIX = "_orig_mod."  # what torch.compile's wrapper adds to a module's state-dict keys
 STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -76,29 +78,52 @@ def save_checkpoint(
     keep: int,
     write_sharded: Callable[[Path], None] | None = None,
     rank_state: dict[str, Any] | None = None,
+    estimate: int = 0,
 ) -> Path:
     """Collective: every rank must call it. `shared` is written by rank 0; every rank writes its RNG
     state and its own `rank_state` (state dicts of per-rank objects) to rank<R>.pt, and
-    `write_sharded(folder)` (collective too) into the same unfinished folder."""
+    `write_sharded(folder)` (collective too) into the same unfinished folder.
+
+    Space: before writing, rank 0 compares the free space with the size of the last checkpoint (or
+    `estimate`, the bytes of the state, for the first) and stops the run with OutOfSpace when it
+    will not fit. A write that fails anyway, on any rank, removes the partial folder and raises
+    OutOfSpace (a full disk) or CheckpointError (another failure) on every rank. Older checkpoints
+    are pruned only once the new one is in place, so the disk holds at most the `keep` checkpoints
+    plus the one being written."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:07d}"
     partial = root / f".step_{step:07d}.partial"
+    refusal = None
     if accelerator.is_main_process:
         remove_leftovers(root)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save({"rng": rng_state(), "state": rank_state or {}}, partial / f"rank{accelerator.process_index}.pt")
-    if write_sharded is not None:
-        write_sharded(partial)
-    if accelerator.is_main_process:
-        torch.save(shared, partial / "state.pt")
-    accelerator.wait_for_everyone()
-    # Once all is written, every rank flushes the files (one client's fsync does not flush another
-    # client's writes on a shared file system; where they are clean already, it costs little).
-    for path in partial.rglob("*"):
-        if path.is_file():
-            fsync(path)
-    accelerator.wait_for_everyone()
+        latest = latest_checkpoint(run_dir)
+        needed = disk.folder_size(latest) if latest is not None else estimate
+        try:
+            disk.check_room(root, needed, f"checkpoint {final.name}", _space_remedy(latest))
+            with disk.writing(partial):
+                partial.mkdir(parents=True)
+        except disk.OutOfSpace as err:
+            refusal = str(err)
+    refusal = distributed.broadcast_from_main(accelerator, refusal)
+    if refusal:
+        raise disk.OutOfSpace(refusal)
+
+    def write() -> None:
+        torch.save({"rng": rng_state(), "state": rank_state or {}}, partial / f"rank{accelerator.process_index}.pt")
+        if write_sharded is not None:
+            write_sharded(partial)
+        if accelerator.is_main_process:
+            torch.save(shared, partial / "state.pt")
+
+    def flush() -> None:
+        # Once all is written, every rank flushes the files (one client's fsync does not flush another
+        # client's writes on a shared file system; where they are clean already, it costs little).
+        for path in partial.rglob("*"):
+            if path.is_file():
+                fsync(path)
+
+    for stage in (write, flush):  # each followed by a collective: all ranks wrote (flushed), or none goes on
+        _write_together(accelerator, stage, partial, final)
     if accelerator.is_main_process:
         for folder in sorted((p for p in partial.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             fsync(folder)
@@ -114,6 +139,38 @@ def save_checkpoint(
             discard(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_together(accelerator: Accelerator, stage: Callable[[], None], partial: Path, final: Path) -> None:
+    """Run this rank's part of a checkpoint write; when any rank's part failed, rank 0 removes the
+    partial folder and every rank raises, saying in plain words what happened."""
+    failure: BaseException | None = None
+    try:
+        stage()
+    except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError on a full disk
+        failure = err
+    if not distributed.any_rank(accelerator, failure is not None):
+        return
+    full = failure is not None and disk.looks_full(failure, partial.parent)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    removed = f"the unfinished {partial} was removed and the checkpoints before {final.name} are kept"
+    if failure is None:
+        raise CheckpointError(f"another rank could not write its part of {final.name} (its error is above); {removed}")
+    if full:
+        raise disk.OutOfSpace(
+            f"writing checkpoint {final.name} failed because the disk is full: {disk.filesystem_of(partial.parent)} "
+            f"({type(failure).__name__}: {failure}); {removed}. {_space_remedy(latest_checkpoint(final.parents[1]))}"
+        ) from failure
+    raise CheckpointError(f"writing checkpoint {final.name} failed ({type(failure).__name__}: {failure}); {removed}")
+
+
+def _space_remedy(latest: Path | None) -> str:
+    resumes = f"resumes from {latest.name}" if latest is not None else "starts again"
+    return (
+        "Free space there (other files, or fewer kept checkpoints: train.keep_checkpoints) or move the run "
+        f"(train.run_dir), then rerun the same command: it {resumes}."
+    )
 
 
 def fsync(path: Path) -> None:
@@ -145,16 +202,21 @@ def set_aside(checkpoint: Path) -> None:
     checkpoint.rename(aside)
 
 
-def remove_leftovers(root: Path) -> None:
-    """What killed saves and prunes left: partial and half-deleted folders, and step folders emptied
-    by a deletion that a kill interrupted before this module renamed folders first."""
+def remove_leftovers(root: Path) -> list[Path]:
+    """Remove what killed saves and prunes left: partial and half-deleted folders, and step folders
+    emptied by a deletion that a kill interrupted before this module renamed folders first. Returns
+    what it removed. Only the run folder's owner may call it (gendist.training.ownership): another
+    job's save in progress looks the same."""
     if not root.is_dir():
-        return
+        return []
+    removed = []
     for path in root.iterdir():
         hidden = path.name.startswith(".step_") and path.name.endswith((".partial", ".deleting"))
         emptied = STEP_DIR.match(path.name) and path.is_dir() and not (path / "state.pt").is_file()
         if hidden or emptied:
             shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:

@@ -357,6 +357,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def load_into(target: Any, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Fill the dataclass `target` from a YAML file, then from dotted overrides; returns it."""
+    for tree in config_trees(path, overrides):
+        _merge(target, tree, prefix="")
+    return target
+
+
+def config_trees(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """What load_into merges, in its order: the YAML file's mapping, then one nested mapping per
+    `section.key=value` override."""
+    trees = []
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -364,7 +373,7 @@ def load_into(target: Any, path: str | Path | None, overrides: list[str] | tuple
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
-        _merge(target, loaded, prefix="")
+        trees.append(loaded)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -373,8 +382,22 @@ def load_into(target: Any, path: str | Path | None, overrides: list[str] | tuple
         tree: dict[str, Any] = {leaf: yaml.safe_load(raw) if raw.strip() else ""}
         for parent in reversed(parents):
             tree = {parent: tree}
-        _merge(target, tree, prefix="")
-    return target
+        trees.append(tree)
+    return trees
+
+
+def set_keys(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> set[str]:
+    """The dotted keys that the YAML file or an override gives a value (any value, the default's
+    included), as opposed to those left at their dataclass defaults."""
+
+    def leaves(tree: dict[str, Any], prefix: str) -> list[str]:
+        return [
+            found
+            for key, value in tree.items()
+            for found in (leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])
+        ]
+
+    return {key for tree in config_trees(path, overrides) for key in leaves(tree, "")}
 
 
 def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,6 +20,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
+from gendist import disk, launcher
 from gendist.engines import accelerate_without_deepspeed
 
 
@@ -44,7 +45,9 @@ def build_accelerator(
     mixed_precision: str, trackers: list[str] | None = None, run_dir: str | None = None
 ) -> Accelerator:
     """The process group and device of every gendist command; a training run's also carries its
-    experiment trackers (Accelerate's log_with, writing under run_dir)."""
+    experiment trackers (Accelerate's log_with, writing under run_dir). Launcher settings no command
+    honours are refused here (gendist.launcher)."""
+    launcher.refuse_unsupported()
     # broadcast_buffers=False: the discriminator runs several forwards (real, fake) before one
     # backward, and a buffer broadcast at each forward would rewrite batch-norm state between
     # them. Buffers are averaged explicitly instead (average_buffers) before they are used.
@@ -55,6 +58,9 @@ def build_accelerator(
     with accelerate_without_deepspeed():
         accelerator = Accelerator(
             mixed_precision=mixed_precision,
+            # gendist compiles (train.compile, which gendist.launcher maps the launcher's dynamo
+            # settings onto); Accelerate must not compile again inside prepare
+            dynamo_backend="no",
             kwargs_handlers=[ddp],
             cpu=not torch.cuda.is_available(),
             log_with=trackers or None,
@@ -68,6 +74,16 @@ def build_accelerator(
         )
     if mixed_precision == "bf16" and accelerator.device.type == "cpu":
         rank_print(accelerator, "note: bf16 on CPU is emulated and slow; use it on GPUs")
+    return accelerator
+
+
+def build_fp32_accelerator() -> Accelerator:
+    """The accelerator of a command that does not train (evaluation, translation, ...), which computes
+    in fp32 and eagerly as pytorch-fid's protocol does; a launcher's precision or dynamo backend is
+    said to be unused, not dropped in silence."""
+    accelerator = build_accelerator("no")
+    for note in launcher.unused_by_fp32_command():
+        rank_print(accelerator, note)
     return accelerator
 
 
@@ -184,6 +200,11 @@ def rank_print(accelerator: Accelerator, message: str) -> None:
         print(f"{tag}{message}", flush=True)
 
 
+def launched_rank() -> int:
+    """This process's global rank as the launcher numbered it (also before the process group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched_world_size() -> int:
     """The number of processes the launcher started (also before the process group exists)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -201,16 +222,19 @@ def set_collective_timeout(seconds: float) -> None:
 
 def run_on_every_rank(command: Callable[[], int], user_errors: tuple[type[Exception], ...]) -> int:
     """Run an entry point's `command` and return its exit code, closing the process group only on
-    success. A user mistake (`user_errors`) is said in one line with exit code 2; any other error
-    prints its traceback tagged with the rank. With several processes a failing rank then exits at
-    once: a barrier or a destructor on the error path would wait for peers that sit in another
-    collective until the group's timeout, and the launcher tears the healthy ranks down only once
-    this one has exited. One process raises as usual."""
+        success. A user mistake (`user_errors`) is said in one line with exit code 2; any other error
+        prints its traceback tagged with the rank. With several processes a failing rank then exits at
+        once: a barrier or a destructor on the error path would wait for peers that sit in another
+        collective until the group's timeout, and the launcher tears the healthy ranks down only once
+        this one has exited. One process raises as usual. Running out of disk space, wherever it happens,
+    is said in one line (gendist.disk) with exit code 2."""
     try:
         code = command()
     except user_errors as err:
         return _fail(2, f"gendist: error: {err}", err)
     except BaseException as err:
+        if disk.is_out_of_space(err):  # any write of any command: said in plain words, not a traceback
+            return _fail(2, f"gendist: error: {disk.out_of_space_message(err)}", err)
         if launched_world_size() == 1:
             raise
         return _fail(1, traceback.format_exc(), err)

@@ -36,7 +36,7 @@ from torchvision.utils import save_image
 from gendist.config import ConfigError, load_config
 from gendist.data.loader import read_attributes, read_in_order
 from gendist.data.shards import Preprocess
-from gendist.distributed import build_accelerator
+from gendist.distributed import build_fp32_accelerator
 from gendist.eval.inception import DreamInception
 from gendist.trained import find_checkpoint, load_network, load_sampling, trained_attribute_names
 from gendist.training.stream import resolve_shards
@@ -148,7 +148,7 @@ def generated_images(run_dir: Path, count: int, size: int, seed: int) -> torch.T
     """`count` samples of a generator run (seeded noise; a conditional one gets the first label rows
     of its training split), in [-1, 1] at `size`."""
     cfg = load_config(run_dir / "config.yaml")
-    accelerator = build_accelerator("no")
+    accelerator = build_fp32_accelerator()
     shard_dir = resolve_shards(cfg, accelerator)
     sampling, _ = load_sampling(cfg, find_checkpoint(run_dir, None), accelerator, trained_attribute_names(run_dir, cfg))
     if sampling.generate is None:

@@ -108,7 +108,9 @@ def accelerate_without_deepspeed() -> Iterator[None]:
 def engine_config(settings: dict[str, Any], cfg: RunConfig, world_size: int) -> dict[str, Any]:
     """A complete DeepSpeed config: the launch settings with gendist's batch size and precision filled
     in, or a ConfigError for combinations that cannot train correctly."""
-    config = {key: value for key, value in settings.items() if key not in ("train_batch_size", "fp16", "bf16")}
+    config = {
+        key: value for key, value in settings.items() if key not in ("train_batch_size", "fp16", "bf16", "bfloat16")
+    }
     zero = dict(config.get("zero_optimization", {}))
     stage = int(zero.get("stage", 0))
     if stage not in (1, 2):

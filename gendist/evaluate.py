@@ -44,7 +44,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"eval.num_samples={args.num_samples}"] if args.num_samples else [])
     cfg = load_config(run_dir / "config.yaml", overrides)
     checkpoint = find_checkpoint(run_dir, args.checkpoint)
-    accelerator = distributed.build_accelerator("no")
+    accelerator = distributed.build_fp32_accelerator()
     shard_dir = resolve_shards(cfg, accelerator)
     sampling, state = load_sampling(cfg, checkpoint, accelerator, read_manifest(shard_dir)["attribute_names"])
     row = Evaluator(cfg, accelerator, shard_dir).evaluate_sampling(sampling, state["step"])
@@ -58,7 +58,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
 
 def build_reference(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    accelerator = distributed.build_accelerator("no")
+    accelerator = distributed.build_fp32_accelerator()
     evaluator = Evaluator(cfg, accelerator, resolve_shards(cfg, accelerator))
     reference = evaluator.reference()
     distributed.rank_print(

@@ -16,10 +16,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from gendist import disk
+
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
     """One row of strict JSON: a non-finite number is written as null (JSON has no NaN)."""
-    with path.open("a") as sink:
+    with disk.writing(path), path.open("a") as sink:
         sink.write(json.dumps(_finite_or_null(row), allow_nan=False) + "\n")
 
 

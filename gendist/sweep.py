@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from gendist import ray_cluster
 from gendist.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoint
 from gendist.config import ConfigError, load_config, load_into, parse_args_with_overrides, to_yaml
 from gendist.progress import drop_rows_after
@@ -47,7 +48,8 @@ class SweepSettings:
     gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's resources allow
     max_failures: int = 1  # retries of a failing trial; a retry resumes from its last checkpoint
-    dashboard: bool = True  # Ray dashboard on the head node's 127.0.0.1:8265 (local clusters only)
+    # Ray dashboard of a local Ray, on 127.0.0.1:8265 with token authentication (slurm/sweep.sbatch: DASHBOARD=0|1)
+    dashboard: bool = True
 
 
 @dataclass
@@ -183,7 +185,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         try:
             while True:
                 finished = proc.poll() is not None
-                reported = _report_new_rows(eval_log, reported, run_dir, plan.workers, proc)
+                reported = _report_new_rows(eval_log, reported, run_dir, plan.workers, proc, cfg.train.steps)
                 if finished:
                     break
                 time.sleep(0.5)
@@ -205,9 +207,13 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         )
 
 
-def _report_new_rows(eval_log: Path, reported: int, run_dir: Path, ranks: int, proc: subprocess.Popen) -> int:
+def _report_new_rows(
+    eval_log: Path, reported: int, run_dir: Path, ranks: int, proc: subprocess.Popen, last_step: int
+) -> int:
     """Report the training's evaluation rows of steps after `reported`, each with its step's
-    checkpoint; returns the last step reported."""
+    checkpoint; returns the last step reported. The last step's row waits for the training to end:
+    Tune may stop the trial at that report, and the run's final writes (its TensorBoard hparams with
+    the final metrics) must be done by then."""
     from ray import tune
 
     text = eval_log.read_text() if eval_log.is_file() else ""
@@ -218,6 +224,8 @@ def _report_new_rows(eval_log: Path, reported: int, run_dir: Path, ranks: int, p
         folder = checkpoint_root(run_dir) / f"step_{row['step']:07d}"
         while not (folder / "state.pt").is_file() and proc.poll() is None:  # saved right after the evaluation
             time.sleep(0.2)
+        if row["step"] >= last_step:
+            proc.wait()
         metrics = {
             "fid": row["fid"],
             "kid": row["kid"],
@@ -254,8 +262,8 @@ def build_tuner(sweep: SweepConfig, resume: bool):
         "gpu": settings.workers_per_trial * settings.gpus_per_worker,
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), resources)
-    storage = str(Path(settings.storage_path).resolve())
-    experiment = Path(storage) / settings.name
+    experiment = experiment_folder(sweep)
+    storage = str(experiment.parent)
     if resume:
         if not tune.Tuner.can_restore(str(experiment)):
             raise FileNotFoundError(f"no sweep to resume at {experiment}")
@@ -290,6 +298,11 @@ def build_tuner(sweep: SweepConfig, resume: bool):
         ),
     )
     return tuner, experiment
+
+
+def experiment_folder(sweep: SweepConfig) -> Path:
+    """The sweep's folder: Tune's results and every trial's run folder (TensorBoard's logdir)."""
+    return Path(sweep.sweep.storage_path).resolve() / sweep.sweep.name
 
 
 def summarise(sweep: SweepConfig, results, experiment: Path) -> Path | None:
@@ -334,19 +347,27 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     sweep = load_sweep(args.config, args.overrides)
     address = args.address or os.environ.get("RAY_ADDRESS")
-    # Without an address a new local Ray starts here ("local": never a cluster that `ray start` left
-    # on this machine); its dashboard listens on 127.0.0.1 only.
     started = time.perf_counter()
-    ray.init(
-        address=address or "local",
-        include_dashboard=sweep.sweep.dashboard if not address else None,
-        log_to_driver=False,
-    )
+    # Without an address a new local Ray starts here ("local": never a cluster that `ray start` left
+    # on this machine), with token authentication and its dashboard on 127.0.0.1 only (ray_cluster).
+    try:
+        if address:
+            context, notes = ray_cluster.join(address), []
+        else:
+            context, notes = ray_cluster.start_local(sweep.sweep.dashboard)
+    except ray_cluster.RayAuthError as err:
+        print(f"gendist: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    for note in notes:
+        print(note, flush=True)
     print(
         f"ray {'connected to ' + address if address else 'started locally'} in {time.perf_counter() - started:.1f} s; "
         f"resources: {ray.cluster_resources()}",
         flush=True,
     )
+    if not address and context.dashboard_url:
+        print("\n".join(ray_cluster.dashboard_lines(context.dashboard_url)), flush=True)
+    print(f"TensorBoard, every trial side by side: tensorboard --logdir {experiment_folder(sweep)}", flush=True)
     try:
         tuner, experiment = build_tuner(sweep, args.resume)
         results = tuner.fit()

@@ -12,9 +12,11 @@ import sys
 
 from gendist import distributed
 from gendist.checkpoint import CheckpointError
-from gendist.config import ConfigError, load_config, parse_args_with_overrides, to_yaml
+from gendist.config import ConfigError, parse_args_with_overrides, to_yaml
 from gendist.eval.inception import InceptionWeightsError
+from gendist.launcher import training_config
 from gendist.training.loop import train as train_family
+from gendist.training.ownership import RunFolderBusy
 from gendist.training.window import Diverged
 
 
@@ -27,22 +29,26 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config, args.overrides)
+    try:  # the experiment config with the launcher's precision and compilation resolved into it
+        cfg, settings = training_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
+    if distributed.launched_rank() == 0:
+        print(f"settings: {'; '.join(settings)}", flush=True)
 
     def train() -> int:
         train_family(cfg)
         return 0
 
     # Said in one line: refusals at set-up (ConfigError), missing FID weights with eval.every > 0
-    # (said at start-up), unreadable checkpoints, and a run that diverged.
-    return distributed.run_on_every_rank(train, (ConfigError, InceptionWeightsError, CheckpointError, Diverged))
+    # (said at start-up), unreadable checkpoints, a run that diverged, and a run folder another job holds.
+    return distributed.run_on_every_rank(
+        train, (ConfigError, InceptionWeightsError, CheckpointError, Diverged, RunFolderBusy)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

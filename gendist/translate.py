@@ -224,7 +224,7 @@ def translate_run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or cfg.eval.batch_size
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    accelerator = distributed.build_accelerator("no")
+    accelerator = distributed.build_fp32_accelerator()
     manifest = _training_manifest(cfg, accelerator)
     sampling, _ = load_sampling(cfg, checkpoint, accelerator, manifest["attribute_names"] if manifest else [])
     if not sampling.translate:

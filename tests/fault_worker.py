@@ -2,12 +2,15 @@
 
     fault_worker.py KIND RANK STEP overrides...
 
-KIND is `step` (the training step raises at STEP) or `loader` (a loader worker's stream raises
-after STEP batches).
+KIND is `step` (the training step raises at STEP), `loader` (a loader worker's stream raises
+after STEP batches) or `disk` (writing its file of the checkpoint of STEP fails with ENOSPC).
 """
 
+import errno
 import os
 import sys
+
+import torch
 
 from gendist import train
 from gendist.data.loader import ShardStream
@@ -33,4 +36,13 @@ elif int(os.environ.get("RANK", "0")) == bad_rank and kind == "loader":
             yield batch
 
     ShardStream.__iter__ = failing_iter
+elif int(os.environ.get("RANK", "0")) == bad_rank and kind == "disk":
+    original_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if f"step_{bad_step:07d}" in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        original_save(obj, path, *args, **kwargs)
+
+    torch.save = failing_save  # as gendist.checkpoint calls it
 sys.exit(train.main(overrides))

@@ -4,10 +4,14 @@ train.sbatch trains and survives a requeue, eval.sbatch reports and sweep.sbatch
 
 import json
 import os
+import re
 import shutil
 import socket
+import stat
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -232,17 +236,81 @@ def test_eval_sbatch_scores_runs_and_writes_the_report(slurm, trained, tmp_path)
     assert "| " in (tmp_path / "report" / "report.md").read_text() and (tmp_path / "report" / "losses.png").is_file()
 
 
+CLIENT = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+print("task ran:", ray.get(ray.remote(lambda: 6 * 7).remote()))
+"""
+
+
 @pytest.mark.slow
-def test_sweep_sbatch_runs_a_sweep_on_a_ray_cluster_in_the_job(slurm, synthetic_shards, tmp_path):
+def test_sweep_sbatch_runs_a_sweep_on_an_authenticated_ray_cluster_in_the_job(slurm, synthetic_shards, tmp_path):
+    """The job's Ray asks for the job's own token (a 0600 file): a client without it cannot connect,
+    one with it runs a task; the dashboard answers an authorised request on the head's 127.0.0.1;
+    the job log names the tunnel and where the token is; the sweep runs."""
     path = write_sweep(
         tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 4e-4]}}, num_samples=1, scheduler="fifo"
     )
-    env = {**slurm, "SWEEP": str(path), "RAY_AUTH_MODE": "disabled"}
+    env = {**slurm, "SWEEP": str(path)}
     address_file = Path("/tmp/ray/ray_current_cluster")  # what `ray start --head` leaves until `ray stop`
     had_cluster = address_file.exists()
-    job, code = sbatch(env, "sweep.sbatch", wait=True, output=str(tmp_path / "job.out"))
-    log = (tmp_path / "job.out").read_text()
-    assert code == 0, log[-4000:]
+    log_file = tmp_path / "job.out"
+    job, code = sbatch(
+        env, "sweep.sbatch", "sweep.dashboard=true", "overrides=[train.steps=300,eval.every=150]", output=str(log_file)
+    )
+    assert code == 0
+    deadline = time.time() + 300
+    while "Ray dashboard: http://127.0.0.1:" not in (log_file.read_text() if log_file.exists() else ""):
+        assert time.time() < deadline and job_field(env, job, "JobState") in ("PENDING", "RUNNING"), (
+            log_file.read_text()[-3000:] if log_file.exists() else "no job log"
+        )
+        time.sleep(1)
+    log = log_file.read_text()
+    address = re.search(r"Ray head on \S+ \((\S+)\)", log).group(1)
+    port = re.search(r"Ray dashboard: http://127\.0\.0\.1:(\d+) on (\S+)", log).group(1)
+    head = socket.gethostname().split(".")[0]
+    assert f"ssh -N -L {port}:127.0.0.1:{port} {head}" in log
+    token_file = Path(re.search(r"token file (\S+) \(mode 0600", log).group(1))
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and token_file.read_text() not in log
+
+    no_token = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+    outsider = subprocess.run(
+        [str(BIN / "python"), "-c", CLIENT, address], env=no_token, capture_output=True, text=True, timeout=120
+    )
+    assert outsider.returncode != 0 and "task ran" not in outsider.stdout
+    assert "InvalidAuthToken" in outsider.stderr, outsider.stderr[-2000:]
+    member = subprocess.run(
+        [str(BIN / "python"), "-c", CLIENT, address],
+        env={**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "task ran: 42" in member.stdout, member.stderr[-2000:]
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/v0/nodes", headers={"Authorization": f"Bearer {token_file.read_text()}"}
+    )
+    for _ in range(60):  # the dashboard may come up a little after the node
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert json.loads(answer.read())["result"]
+            break
+        except urllib.error.URLError as err:
+            if isinstance(err, urllib.error.HTTPError):
+                raise
+            time.sleep(1)
+    else:
+        raise AssertionError(f"the dashboard never answered on 127.0.0.1:{port}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v0/nodes", timeout=30)
+    assert refused.value.code == 401
+
+    while job_field(env, job, "JobState") in ("PENDING", "RUNNING", "COMPLETING"):
+        assert time.time() < deadline + 600, log_file.read_text()[-3000:]
+        time.sleep(2)
+    log = log_file.read_text()
+    assert job_field(env, job, "JobState") == "COMPLETED", log[-4000:]
     assert "Ray cluster up: 1 nodes" in log and "2 trials, 0 failed" in log, log[-4000:]
     assert (tmp_path / "results" / "s" / "best_config.yaml").is_file()
     assert had_cluster or not address_file.exists(), "the job's Ray cluster was not stopped"
+    assert not token_file.exists(), "the job's token outlived its cluster"

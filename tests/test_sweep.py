@@ -4,18 +4,23 @@ trial, and a data-parallel trial of 2 ranks. Tiny models, random-init Inception,
 import csv
 import json
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import BIN, REPO, free_port
 
+from gendist import ray_cluster
 from gendist.config import ConfigError, load_config
 from gendist.sweep import load_sweep
 
@@ -48,7 +53,8 @@ def write_sweep(tmp_path: Path, shards: Path, space: dict, **settings) -> Path:
 
 
 def gendist_sweep(path: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "RAY_AUTH_MODE": "disabled"}
+    """`gendist sweep` on a local Ray, with its token in the test's folder rather than ~/.ray."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "RAY_AUTH_TOKEN_PATH": str(path.parent / "ray_token")}
     return subprocess.Popen(
         [sys.executable, "-m", "gendist.sweep", "--config", str(path), *extra],
         cwd=REPO,
@@ -117,6 +123,64 @@ def test_four_trial_sweep_reports_and_writes_the_best_config(tmp_path, synthetic
         reported = [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
         assert [r["step"] for r in reported] == [2, 4] and reported[-1]["fid_samples"] == 16
         assert (trial / "run" / "checkpoints" / "step_0000004" / "state.pt").is_file()
+    assert_tensorboard_shows_every_trial(tmp_path / "results" / "s", rows)
+
+
+def assert_tensorboard_shows_every_trial(experiment: Path, rows: list[dict]) -> None:
+    """What `tensorboard --logdir EXPERIMENT` shows, read as TensorBoard's server reads it (its plugin
+    event multiplexer): per trial, Tune's results and the trial's training curves, grid and hparams
+    with its sampled values."""
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    multiplexer = EventMultiplexer(tensor_size_guidance={"scalars": 0, "images": 0})
+    multiplexer.AddRunsFromDirectory(str(experiment))
+    multiplexer.Reload()
+    scalars, images = multiplexer.PluginRunToTagToContent("scalars"), multiplexer.PluginRunToTagToContent("images")
+    hparams = multiplexer.PluginRunToTagToContent("hparams")
+    for row in rows:
+        trial, training = row["trial"], f"{row['trial']}/run/tensorboard"
+        assert {"loss_d", "loss_g", "eval/fid"} <= set(scalars[training]), (trial, sorted(multiplexer.Runs()))
+        assert "samples/grid" in images[training]
+        assert multiplexer.Tensors(training, "samples/grid")[-1].step == 4
+        start = plugin_data_pb2.HParamsPluginData.FromString(hparams[training]["_hparams_/session_start_info"])
+        assert start.session_start_info.hparams["optim.lr_g"].number_value == pytest.approx(float(row["optim.lr_g"]))
+        assert "ray/tune/fid" in scalars[trial]  # Tune's own results of the trial
+
+
+@pytest.mark.slow
+def test_a_local_sweeps_dashboard_asks_for_the_token_and_lists_the_trials(tmp_path, synthetic_shards):
+    """The dashboard of a local sweep's Ray is on 127.0.0.1, its API answers with the token only,
+    and the sweep says how to reach it and where the token is, never the token."""
+    path = write_sweep(
+        tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 4e-4]}}, num_samples=1, scheduler="fifo"
+    )
+    proc = gendist_sweep(path, "sweep.dashboard=true", "overrides=[train.steps=200,eval.every=100]")
+    lines = []
+    while not any(line.startswith("Ray dashboard:") for line in lines):
+        line = proc.stdout.readline()
+        assert line, "".join(lines)[-3000:]
+        lines.append(line)
+    url = re.search(r"Ray dashboard: (http://127\.0\.0\.1:\d+) on ", lines[-1]).group(1)
+    token_file = tmp_path / "ray_token"
+    token = token_file.read_text().strip()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    actors_api = f"{url}/api/v0/actors?limit=100"
+    deadline, trial_actors = time.time() + 240, []
+    while not trial_actors:
+        assert time.time() < deadline and proc.poll() is None, "no trial actor was listed"
+        request = urllib.request.Request(actors_api, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            actors = json.loads(answer.read())["data"]["result"]["result"]
+        trial_actors = [actor for actor in actors if actor["class_name"] == "ImplicitFunc"]  # Tune's trial actor
+        time.sleep(1)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(actors_api, timeout=30)
+    assert refused.value.code == 401
+    out = "".join(lines) + proc.stdout.read()  # not communicate(): it would skip what readline buffered
+    assert proc.wait(timeout=600) == 0, out[-4000:]
+    assert f"ssh -N -L {url.rsplit(':', 1)[1]}:127.0.0.1:{url.rsplit(':', 1)[1]} " in out
+    assert f"RAY_AUTH_TOKEN_PATH={token_file} ray get-auth-token" in out and token not in out
 
 
 @pytest.mark.slow
@@ -234,3 +298,57 @@ def test_a_trainer_stopped_by_a_signal_is_retried_from_its_last_report(tmp_path,
     launches = [json.loads(line)["from_step"] for line in (trial / "launches.log").read_text().splitlines()]
     assert launches == [0, 200]
     assert "stopping at step" in (trial / "train.log").read_text()
+
+
+def test_a_cluster_gendist_starts_has_a_private_token_and_token_mode_on(tmp_path):
+    token_file = tmp_path / "ray" / "auth_token"
+    environ = {"RAY_AUTH_TOKEN_PATH": str(token_file), "RAY_AUTH_MODE": "disabled"}
+    notes = ray_cluster.private_token(environ)
+    assert environ["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_MODE=disabled is not used" in notes[0]
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and len(token_file.read_text()) == 64
+    token = token_file.read_text()
+    token_file.chmod(0o644)  # as `ray get-auth-token --generate` or a local ray.init() leave it
+    assert ray_cluster.private_token(environ) == [
+        f"made {token_file} readable by you only (0600): it is the key to your Ray clusters"
+    ]
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and token_file.read_text() == token
+    assert ray_cluster.private_token({"RAY_AUTH_TOKEN": "abc"}) == []  # a token in the environment: no file
+    assert token not in " ".join(ray_cluster.dashboard_lines("127.0.0.1:8265", "node7"))
+
+
+@pytest.mark.slow
+def test_joining_a_cluster_without_its_token_or_with_another_says_so(tmp_path):
+    """A head started as slurm/sweep.sbatch starts it (token mode, its own token file); `gendist
+    sweep --address` from a home without the token, or with another token, is refused in one line."""
+    token_file = tmp_path / "job_token"
+    token_file.write_text("a" * 64)
+    token_file.chmod(0o600)
+    port = free_port()
+    head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"],
+        env=head_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        sweep = write_sweep(tmp_path, tmp_path, {"optim.lr_g": {"choice": [1e-4]}})
+        empty_home = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
+        for extra, expected in (
+            ({}, "asks for an authentication token and none was found"),
+            ({"RAY_AUTH_TOKEN": "b" * 64}, "refused the authentication token from $RAY_AUTH_TOKEN"),
+        ):
+            proc = subprocess.run(
+                [sys.executable, "-m", "gendist.sweep", "--config", str(sweep), "--address", f"127.0.0.1:{port}"],
+                cwd=REPO,
+                env={**empty_home, **extra},
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+            assert proc.returncode == 2 and f"gendist: error: the Ray cluster at 127.0.0.1:{port} " in proc.stderr
+            assert expected in proc.stderr, proc.stderr[-2000:]
+    finally:
+        for process in [*psutil.Process(head.pid).children(recursive=True), psutil.Process(head.pid)]:
+            process.kill()
+        head.wait(timeout=60)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from torch import nn
 
@@ -195,6 +196,14 @@ class Checkpointed:
             shared["scaler"] = self.accelerator.scaler.state_dict()
         sharded = self.engines
         write_sharded = (lambda folder: engines.save_engines(sharded, folder / DEEPSPEED_FOLDER)) if sharded else None
+        per_rank = {name: obj.state_dict() for name, obj in self.per_rank.items()}
+        # the first checkpoint's size, for the space check (later ones are compared with the last one):
+        # the tensors, every rank's own state, and per engine its weights with Adam's fp32 master and moments
+        estimate = (
+            tensor_bytes(shared)
+            + self.accelerator.num_processes * tensor_bytes(per_rank)
+            + sum(16 * sum(p.numel() for p in engine.module.parameters()) for engine in sharded.values())
+        )
         save_checkpoint(
             self.accelerator,
             self.run_dir,
@@ -202,5 +211,17 @@ class Checkpointed:
             shared,
             self.cfg.train.keep_checkpoints,
             write_sharded,
-            {name: obj.state_dict() for name, obj in self.per_rank.items()},
+            per_rank,
+            estimate,
         )
+
+
+def tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nest of dicts, lists and tuples."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from gendist import disk
 from gendist.checkpoint import checkpoint_step, latest_checkpoint
 from gendist.config import ConfigError, RunConfig, differences, load_into, to_dict, to_yaml
 
@@ -43,7 +44,8 @@ def record_config(cfg: RunConfig, run_dir: Path) -> str | None:
                 f"(the previous config is kept as {kept.name})",
                 flush=True,
             )
-    path.write_text(text)
+    with disk.writing(path):
+        path.write_text(text)
     return None
 
 
@@ -66,7 +68,8 @@ def record_data(manifest: dict, shard_dir: str, run_dir: Path) -> None:
     }
     path = run_dir / DATA_RECORD
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=1) + "\n")
+    with disk.writing(partial):
+        partial.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(partial, path)
 
 

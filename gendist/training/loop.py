@@ -51,6 +51,12 @@ def frozen(models: list[nn.Module]):
 
 def train(cfg: RunConfig) -> TrainResult:
     session = Session(cfg)
+    with session.owned_run_dir():
+        return _run(session)
+
+
+def _run(session: Session) -> TrainResult:
+    cfg = session.cfg
     distributed.seed_everything(cfg.train.seed)  # identical initial weights on every rank
     rank = session.accelerator.process_index
     family = families.declare(FamilyInputs(cfg, session.attribute_names, session.spec, rank))

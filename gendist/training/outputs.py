@@ -9,6 +9,7 @@ from pathlib import Path
 from accelerate import Accelerator
 from torch import nn
 
+from gendist import disk
 from gendist.eval.evaluator import Evaluator, append_row, shown_keys
 from gendist.families.base import Sampling
 
@@ -34,7 +35,7 @@ class Outputs:
 
     def write_grids(self, step: int) -> None:
         if self.accelerator.is_main_process:
-            with in_eval_mode(self.modules):
+            with in_eval_mode(self.modules), disk.writing(self.run_dir / "samples"):
                 self.sampling.write_grids(self.run_dir / "samples", step)
 
     def evaluate(self, step: int, images_seen: int) -> tuple[dict, str]:

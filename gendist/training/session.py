@@ -5,7 +5,9 @@ evaluations and checkpoints, and the stop signals. Each concern has its module b
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from gendist import distributed, engines
+from gendist.checkpoint import checkpoint_root, remove_leftovers
 from gendist.config import ConfigError, RunConfig
 from gendist.data.loader import StreamSpec, batches_per_epoch, domain_split
 from gendist.data.shards import read_manifest
@@ -20,6 +23,7 @@ from gendist.eval.evaluator import EVAL_LOG, Evaluator
 from gendist.families.base import Sampling
 from gendist.progress import Reporter, drop_rows_after
 from gendist.stopping import StopRequests
+from gendist.training import ownership
 from gendist.training.checkpointing import Checkpointed
 from gendist.training.config_record import record_config, record_data
 from gendist.training.outputs import Outputs
@@ -70,6 +74,28 @@ class Session:
         self.stopped_early = False
 
     # -- set-up ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def owned_run_dir(self) -> Iterator[None]:
+        """The run folder is this job's inside: rank 0 holds its lock (gendist.training.ownership), a
+        refusal reaches every rank at once, and what an earlier attempt left half-written is removed."""
+        with contextlib.ExitStack() as held:
+            refusal = None
+            if self.accelerator.is_main_process:
+                try:
+                    warning = held.enter_context(ownership.owned(self.run_dir))
+                except ownership.RunFolderBusy as err:
+                    refusal = str(err)
+                else:
+                    if warning:
+                        print(warning, flush=True)
+            refusal = distributed.broadcast_from_main(self.accelerator, refusal)
+            if refusal:
+                raise ownership.RunFolderBusy(refusal)
+            if self.accelerator.is_main_process:
+                for path in remove_leftovers(checkpoint_root(self.run_dir)):
+                    print(f"removed {path}, left unfinished by an earlier attempt", flush=True)
+            yield
+
     def open_streams(self, splits: dict[str, str] | None) -> None:
         """The family's named streams (name -> split; None: one stream of data.split), each checked now."""
         splits = splits or {DEFAULT_STREAM: self.cfg.data.split}
