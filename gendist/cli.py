@@ -1,12 +1,12 @@
-"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, translate, augment, dream, compare,
-sweep and config (every config key, or what a preset changes)."""
+"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, sample, translate, augment, dream,
+compare, sweep and config (every config key, or what a preset changes)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import augment, config_help, dream, evaluate, sweep, train, translate
+from gendist import augment, config_help, dream, evaluate, sample, sweep, train, translate
 from gendist.config import parse_args_with_overrides
 from gendist.data.domains import write_domains
 from gendist.data.shard_references import check_reference, load_reference, write_reference
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
             "augment", help="export a run's generated (cgan) or translated (cyclegan) faces as a split of a shard set"
         )
     )
+    sample.add_sample_arguments(
+        commands.add_parser("sample", help="N generated images of a run as PNG files (any number of ranks)")
+    )
     dream.add_dream_arguments(
         commands.add_parser("dream", help="Deep Dream: amplify what a layer of a trained network responds to")
     )
@@ -231,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return augment.run(args)
     if args.command == "dream":
         return dream.run(args)
+    if args.command == "sample":
+        return sample.run(args)
     try:
         if args.command == "train":
             return train.run(args)

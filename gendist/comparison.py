@@ -130,6 +130,10 @@ def _directions(row: dict, prefix: str, baseline: str = "") -> str | None:
 # the scores beside FID, each with its in-run baseline: (column, cell of the latest evaluation row)
 OTHER_SCORES = [
     ("precision / recall (FID features)", lambda r: _pair(r, "precision", "recall")),
+    (
+        "FID / KID x 1e3 of codes from the fitted Gaussian (ex-post density)",
+        lambda r: None if r.get("fid_fitted") is None else f"{r['fid_fitted']:.2f} / {r['kid_fitted'] * 1e3:.2f}",
+    ),
     ("FD_face †", lambda r: None if r.get("fd_face") is None else f"{r['fd_face']:.4g}"),
     ("precision / recall (face features †)", lambda r: _pair(r, "precision_face", "recall_face")),
     (

@@ -39,9 +39,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "dcgan"  # a family of gendist.families.DECLARATIONS (gan, dcgan, ..., cyclegan, classifier, srgan)
+    name: str = "dcgan"  # a family of gendist.families.DECLARATIONS (gan, dcgan, ..., vae, ae, cyclegan, srgan, ...)
     image_size: int = 64  # pixels of the (square) images trained on: a power of two >= 16
-    z_dim: int = 100  # latent size (the VAE's too)
+    z_dim: int = 100  # latent size (the VAE's and the autoencoder's code too)
     ngf: int = 64  # generator/decoder width: 8*ngf channels at 4x4
     ndf: int = 64  # discriminator/encoder width
     d_norm: Literal["batch", "layer", "instance", "none"] = "batch"  # discriminator normalisation
@@ -60,6 +60,8 @@ class LossConfig:
 
 @dataclass
 class VaeConfig:
+    """The VAE's objective; the plain autoencoder (model.name=ae) reads likelihood and gaussian_std."""
+
     likelihood: Literal["bernoulli", "gaussian", "gaussian_learned"] = "gaussian"  # the decoder p(x|z)
     gaussian_std: float = 0.1  # fixed decoder std for "gaussian" (images in [-1, 1])
     beta: float = 1.0  # weight of the KL term

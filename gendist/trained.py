@@ -30,10 +30,13 @@ def find_checkpoint(run_dir: Path, checkpoint: str | None) -> Path:
 
 
 def load_sampling(
-    cfg: RunConfig, checkpoint: Path, accelerator: Accelerator, attribute_names: list[str]
+    cfg: RunConfig, checkpoint: Path, accelerator: Accelerator, attribute_names: list[str], ema: bool = True
 ) -> tuple[Sampling, dict]:
-    """The family's sampling with the checkpoint's networks on this rank's device, and the train state."""
+    """The family's sampling with the checkpoint's networks on this rank's device (their EMA copies
+    where it keeps them, unless `ema` is off), and the train state."""
     shared, _ = load_checkpoint(checkpoint, accelerator.process_index)
+    if not ema:
+        shared = {name: value for name, value in shared.items() if not name.endswith("_ema")}
     family = families.declare(FamilyInputs(cfg, attribute_names))
     return sampling_from_checkpoint(family, shared, accelerator.device), shared["train_state"]
 

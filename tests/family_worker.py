@@ -18,6 +18,7 @@ families = {
     "wgan_gp": ["model.name=wgan_gp", "model.d_norm=layer", "loss.n_critic=2", "optim.betas=[0.0, 0.9]"],
     "cgan": ["model.name=cgan", "model.attributes=[Male,Smiling,Eyeglasses]"],
     "vae": ["model.name=vae", "vae.likelihood=gaussian_learned", "vae.kl_warmup_steps=2"],
+    "ae": ["model.name=ae"],
     "pix2pix": ["model.name=pix2pix"],
     "cyclegan": ["model.name=cyclegan", "cyclegan.domains=[not_Male,Male]", "cyclegan.blocks=2"],
     "classifier": ["model.name=classifier", "classifier.blocks=1"],

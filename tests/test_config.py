@@ -100,6 +100,6 @@ def test_impossible_numbers_are_config_errors_naming_the_key(override, key):
 
 
 def test_an_unknown_family_lists_the_registered_ones():
-    valid = "gan, dcgan, cgan, wgan, wgan_gp, vae, pix2pix, cyclegan, classifier, srgan"
+    valid = "gan, dcgan, cgan, wgan, wgan_gp, vae, ae, pix2pix, cyclegan, classifier, srgan"
     with pytest.raises(ConfigError, match=rf"'model.name' must be one of {valid}; got 'stylegan'"):
         load_config(None, ["model.name=stylegan"])

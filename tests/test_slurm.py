@@ -2,6 +2,7 @@
 SLURM's variables; and, on a real single-node SLURM (slurmctld + slurmd + munge started here),
 train.sbatch trains and survives a requeue, eval.sbatch reports and sweep.sbatch sweeps."""
 
+import concurrent.futures
 import json
 import os
 import re
@@ -236,6 +237,25 @@ def test_eval_sbatch_scores_runs_and_writes_the_report(slurm, trained, tmp_path)
     assert "| " in (tmp_path / "report" / "report.md").read_text() and (tmp_path / "report" / "losses.png").is_file()
 
 
+def assert_dashboard_answers_the_token_only(port: int, token: str) -> None:
+    nodes_api = f"http://127.0.0.1:{port}/api/v0/nodes"
+    request = urllib.request.Request(nodes_api, headers={"Authorization": f"Bearer {token}"})
+    for _ in range(60):  # the dashboard may come up a little after the node
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert json.loads(answer.read())["result"]
+            break
+        except urllib.error.HTTPError:
+            raise
+        except urllib.error.URLError:
+            time.sleep(1)
+    else:
+        raise AssertionError(f"the dashboard never answered on 127.0.0.1:{port}")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(nodes_api, timeout=30)
+    assert refused.value.code == 401
+
+
 CLIENT = """
 import sys, ray
 ray.init(address=sys.argv[1], logging_level="ERROR")
@@ -245,9 +265,10 @@ print("task ran:", ray.get(ray.remote(lambda: 6 * 7).remote()))
 
 @pytest.mark.slow
 def test_sweep_sbatch_runs_a_sweep_on_an_authenticated_ray_cluster_in_the_job(slurm, synthetic_shards, tmp_path):
-    """The job's Ray asks for the job's own token (a 0600 file): a client without it cannot connect,
-    one with it runs a task; the dashboard answers an authorised request on the head's 127.0.0.1;
-    the job log names the tunnel and where the token is; the sweep runs."""
+    """The job's Ray asks for the job's own token (a 0600 file): `gendist sweep --address` without it,
+    or with another token, is refused in one line, a client with it runs a task; the dashboard
+    answers an authorised request on the head's 127.0.0.1; the job log names the tunnel and where
+    the token is; the sweep runs."""
     path = write_sweep(
         tmp_path, synthetic_shards, {"optim.lr_g": {"grid": [1e-4, 4e-4]}}, num_samples=1, scheduler="fifo"
     )
@@ -256,7 +277,7 @@ def test_sweep_sbatch_runs_a_sweep_on_an_authenticated_ray_cluster_in_the_job(sl
     had_cluster = address_file.exists()
     log_file = tmp_path / "job.out"
     job, code = sbatch(
-        env, "sweep.sbatch", "sweep.dashboard=true", "overrides=[train.steps=300,eval.every=150]", output=str(log_file)
+        env, "sweep.sbatch", "sweep.dashboard=true", "overrides=[train.steps=400,eval.every=200]", output=str(log_file)
     )
     assert code == 0
     deadline = time.time() + 300
@@ -274,36 +295,29 @@ def test_sweep_sbatch_runs_a_sweep_on_an_authenticated_ray_cluster_in_the_job(sl
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and token_file.read_text() not in log
 
     no_token = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(tmp_path)}
-    outsider = subprocess.run(
-        [str(BIN / "python"), "-c", CLIENT, address], env=no_token, capture_output=True, text=True, timeout=120
-    )
-    assert outsider.returncode != 0 and "task ran" not in outsider.stdout
-    assert "InvalidAuthToken" in outsider.stderr, outsider.stderr[-2000:]
-    member = subprocess.run(
-        [str(BIN / "python"), "-c", CLIENT, address],
-        env={**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "task ran: 42" in member.stdout, member.stderr[-2000:]
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/api/v0/nodes", headers={"Authorization": f"Bearer {token_file.read_text()}"}
-    )
-    for _ in range(60):  # the dashboard may come up a little after the node
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                assert json.loads(answer.read())["result"]
-            break
-        except urllib.error.URLError as err:
-            if isinstance(err, urllib.error.HTTPError):
-                raise
-            time.sleep(1)
-    else:
-        raise AssertionError(f"the dashboard never answered on 127.0.0.1:{port}")
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v0/nodes", timeout=30)
-    assert refused.value.code == 401
+    sweep = [str(BIN / "gendist"), "sweep", "--config", str(path), "--address", address]
+    clients = {  # run at once, while the job's cluster is up: each Ray client takes seconds to give up
+        "no token": (sweep, no_token),
+        "another token": (sweep, {**no_token, "RAY_AUTH_TOKEN": "b" * 64}),
+        "the token": (
+            [str(BIN / "python"), "-c", CLIENT, address],
+            {**no_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)},
+        ),
+    }
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        running = {
+            name: pool.submit(subprocess.run, cmd, cwd=REPO, env=variables, capture_output=True, text=True, timeout=180)
+            for name, (cmd, variables) in clients.items()
+        }
+        assert_dashboard_answers_the_token_only(int(port), token_file.read_text())
+        done = {name: future.result() for name, future in running.items()}
+    for name, expected in (
+        ("no token", "asks for an authentication token and none was found"),
+        ("another token", "refused the authentication token from $RAY_AUTH_TOKEN"),
+    ):
+        assert done[name].returncode == 2, done[name].stderr[-2000:]
+        assert f"gendist: error: the Ray cluster at {address} {expected}" in done[name].stderr, done[name].stderr
+    assert "task ran: 42" in done["the token"].stdout, done["the token"].stderr[-2000:]
 
     while job_field(env, job, "JobState") in ("PENDING", "RUNNING", "COMPLETING"):
         assert time.time() < deadline + 600, log_file.read_text()[-3000:]

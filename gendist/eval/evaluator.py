@@ -36,7 +36,16 @@ from gendist.eval.precision_recall import PROTOCOL as PRECISION_RECALL_PROTOCOL
 from gendist.eval.precision_recall import precision_recall
 from gendist.eval.super_resolution import PROTOCOL as SR_PROTOCOL
 from gendist.eval.super_resolution import SR_METHODS, SR_METRICS, sr_metrics
-from gendist.families.base import Classify, Complete, Generate, Reconstruct, Sampling, SuperResolve, Translate
+from gendist.families.base import (
+    Classify,
+    Complete,
+    Encode,
+    Generate,
+    Reconstruct,
+    Sampling,
+    SuperResolve,
+    Translate,
+)
 from gendist.progress import append_jsonl, read_jsonl
 
 EVAL_LOG = "eval.jsonl"
@@ -49,6 +58,7 @@ SHOWN = (
     "kid_std",
     "precision",
     "recall",
+    "kid_fitted",  # fid_fitted is shown with the fid_ prefixes
     "fd_face",
     "cond_attr_mean_accuracy",
     "cond_attr_mean_accuracy_shuffled",
@@ -69,6 +79,11 @@ SHOWN = (
     "attr_mean_balanced_accuracy_majority",
 )
 PROTOCOL = "pytorch-fid InceptionV3 pool3 (2048-d), bilinear resize to 299x299, images quantised to uint8"
+EX_POST_PROTOCOL = (
+    "*_fitted: the same FID/KID protocol, on eval.num_samples samples decoded from N(m, C), the Gaussian fitted "
+    "(maximum likelihood, + 1e-6 I) to the codes of the first eval.num_real images of data.split, drawn as m + L z "
+    "with the evaluation's seeded z and C = L L' (the ex-post density of Ghosh et al. 2020)"
+)
 TRANSLATION_PROTOCOL = (
     "the first eval.recon_images images of each source domain's eval.recon_split.SRC split, translated "
     "(outputs quantised to uint8); FID/KID of the translations against the eval.split.DST reference, next to "
@@ -255,6 +270,7 @@ class Evaluator:
             sampling.classify_attributes,
             sampling.conditioned_on,
             sampling.super_resolve,
+            sampling.encode,
         )
 
     def evaluate(
@@ -269,6 +285,7 @@ class Evaluator:
         classify_attributes: list[str] | None = None,
         conditioned_on: list[str] | None = None,
         super_resolve: SuperResolve | None = None,
+        encode: Encode | None = None,
     ) -> dict:
         """One evaluation; returns the row (on every rank) that rank 0 appends to eval.jsonl."""
         timer = Timer(self.device)
@@ -279,6 +296,8 @@ class Evaluator:
         row: dict = {}
         if generate is not None:
             row.update(self._generated(generate, reference, timer, conditioned_on))
+        if generate is not None and encode is not None:
+            row.update(self._ex_post(generate, encode, reference, timer))
         if reconstruct is not None:
             row.update(self._reconstruction(reconstruct, timer))
         if complete is not None:
@@ -340,6 +359,42 @@ class Evaluator:
             samples = judged.gathered(["generated"], ev.num_samples)["generated"]
             row.update(self._judged_samples(samples, reference, label_rows, conditioned_on or [], timer))
         return row
+
+    def _ex_post(self, generate: Generate, encode: Encode, reference: ref_cache.Reference, timer: Timer) -> dict:
+        """The scores of samples decoded from a Gaussian fitted to the codes of training images
+        (EX_POST_PROTOCOL): `<score>_fitted` beside the N(0, I) prior's."""
+        mean, factor, count = self._fitted_gaussian(encode, timer)
+
+        def from_fitted(z: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
+            return generate(mean + z @ factor.T, attrs)
+
+        scored = self._generated(from_fitted, reference, timer)
+        row = {
+            f"{key}_fitted": scored[key] for key in ("fid", "kid", "kid_std", "precision", "recall") if key in scored
+        }
+        row["fitted_prior"] = {"codes": count, "split": self.cfg.data.split, "text": EX_POST_PROTOCOL}
+        return row
+
+    def _fitted_gaussian(self, encode: Encode, timer: Timer) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Mean and Cholesky factor of the codes of the first eval.num_real images of data.split,
+        encoded across the ranks and summed in float64."""
+        ev = self.cfg.eval
+        images, _, _ = read_in_order(self.shard_dir, self.cfg.data.split, self.cfg.model.image_size, ev.num_real)
+        start, end = self._share(len(images))
+        z_dim = self.cfg.model.z_dim
+        sums = torch.zeros(z_dim + 1, z_dim, dtype=torch.float64, device=self.device)  # row 0: the sum; then x'x
+        with timer.phase("fit_codes"), torch.no_grad():
+            for i in range(start, end, ev.batch_size):
+                codes = encode(unit_range(images[i : min(i + ev.batch_size, end)], self.device) * 2 - 1).double()
+                sums[0] += codes.sum(dim=0)
+                sums[1:] += codes.T @ codes
+        sums = distributed.sum_across_ranks(self.accelerator, sums)
+        mean = sums[0] / len(images)
+        covariance = sums[1:] / len(images) - torch.outer(mean, mean)
+        # a small ridge keeps the factor defined when the codes span fewer than z_dim directions
+        ridge = 1e-6 * torch.eye(z_dim, dtype=torch.float64, device=self.device)
+        factor = torch.linalg.cholesky((covariance + covariance.T) / 2 + ridge)
+        return mean.float(), factor.float(), len(images)
 
     def _features_everywhere(self, reference: ref_cache.Reference) -> np.ndarray:
         """The reference's Inception features on every rank (rank 0 alone loads them), sent once."""

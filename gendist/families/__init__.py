@@ -14,6 +14,7 @@ DECLARATIONS: dict[str, Callable[[FamilyInputs], Family]] = {
     "wgan": gan.declare,
     "wgan_gp": gan.declare,
     "vae": vae.declare,
+    "ae": vae.declare,
     "pix2pix": pix2pix.declare,
     "cyclegan": cyclegan.declare,
     "classifier": classifier.declare,

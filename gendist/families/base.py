@@ -32,6 +32,8 @@ Translate = Callable[[torch.Tensor], torch.Tensor]
 Classify = Callable[[torch.Tensor], torch.Tensor]
 # low-resolution images in [-1, 1] (gendist.data.resolution.downsample) -> super-resolved, in [-1, 1]
 SuperResolve = Callable[[torch.Tensor], torch.Tensor]
+# real images in [-1, 1] -> their codes (N, z_dim): an autoencoder's code, a VAE's posterior mean
+Encode = Callable[[torch.Tensor], torch.Tensor]
 Stats = dict[str, torch.Tensor | float]
 
 
@@ -123,6 +125,9 @@ class Sampling:
     conditioned_on: list[str] | None = None
     # super-resolution families: srgan.scale times the input's size (the evaluator makes the inputs)
     super_resolve: SuperResolve | None = None
+    # autoencoders: with `generate` (the decoder), evaluation also scores samples decoded from a
+    # Gaussian fitted to the codes of training images (the ex-post density), beside the N(0, I) prior
+    encode: Encode | None = None
 
 
 @dataclass

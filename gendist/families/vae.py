@@ -1,5 +1,10 @@
-"""The VAE family: ELBO = reconstruction NLL + beta_t * KL, one network, one phase.
+"""The VAE family, ELBO = reconstruction NLL + beta_t * KL, and its contrast, the plain autoencoder
+(model.name=ae): the same network and reconstruction NLL with the code z = mu and no KL term, so the
+two differ by the objective alone. One network, one phase.
 
+Both are scored as samplers of N(0, I) codes (the VAE's prior; for the AE a prior it was never
+trained towards) and of a Gaussian fitted to their training codes (Sampling.encode: the ex-post
+density of Ghosh et al. 2020, the AE's fair baseline), and by held-out reconstruction error.
 Grids: prior samples from fixed noise (samples/step_*.png) and, for a fixed real batch, originals
 in odd rows above their reconstructions (samples/recon_step_*.png).
 """
@@ -27,7 +32,10 @@ from gendist.families.base import (
 from gendist.losses.vae import decoded_images, kl_standard_normal, reconstruction_nll
 from gendist.models.vae import ConvVAE
 
-SAMPLER_LABEL = "VAE prior samples (decoder mean)"
+SAMPLER_LABELS = {
+    "vae": "VAE prior samples (decoder mean)",
+    "ae": "autoencoder decoder on N(0, I) codes (decoder mean)",
+}
 
 
 def kl_weight(cfg: RunConfig, step: int) -> float:
@@ -54,15 +62,21 @@ def declare(inputs: FamilyInputs) -> Family:
     vae_cfg = cfg.vae
     net = build_vae(cfg)
 
-    def elbo(ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+    variational = cfg.model.name == "vae"
+
+    def objective(ctx: StepContext) -> tuple[torch.Tensor, Stats]:
+        """The VAE's negative ELBO, or the autoencoder's reconstruction NLL of its deterministic code."""
         real = ctx.next_batch()["images"]
-        decoded, mu, logvar = ctx.nets["vae"](real)
+        decoded, mu, logvar = ctx.nets["vae"](real, sample=variational)
         log_sigma = ctx.bare["vae"].log_sigma
         recon = reconstruction_nll(decoded, real, vae_cfg.likelihood, vae_cfg.gaussian_std, log_sigma)
-        kl = kl_standard_normal(mu, logvar)
-        beta = kl_weight(cfg, ctx.step)
-        loss = recon + beta * kl
-        stats: Stats = {"loss": loss.detach(), "recon": recon.detach(), "kl": kl.detach(), "kl_weight": beta}
+        stats: Stats = {"recon": recon.detach()}
+        loss = recon
+        if variational:
+            kl, beta = kl_standard_normal(mu, logvar), kl_weight(cfg, ctx.step)
+            loss = recon + beta * kl
+            stats.update(kl=kl.detach(), kl_weight=beta)
+        stats["loss"] = loss.detach()
         if log_sigma is not None:
             stats["sigma"] = log_sigma.detach().exp()
         return loss, stats
@@ -77,8 +91,11 @@ def declare(inputs: FamilyInputs) -> Family:
         def generate(z: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:  # attributes unused
             return decoded_images(model.decode(z), vae_cfg.likelihood)
 
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            return model.encode(images)[0]
+
         def reconstruct(images: torch.Tensor) -> torch.Tensor:
-            return decoded_images(model.decode(model.encode(images)[0]), vae_cfg.likelihood)
+            return decoded_images(model.decode(encode(images)), vae_cfg.likelihood)
 
         def write_grids(folder: Path, step: int) -> None:
             if not originals:
@@ -92,10 +109,10 @@ def declare(inputs: FamilyInputs) -> Family:
                 pairs.flatten(0, 2), folder / f"recon_step_{step:07d}.png", nrow=8, normalize=True, value_range=(-1, 1)
             )
 
-        return Sampling(generate, SAMPLER_LABEL, write_grids, reconstruct)
+        return Sampling(generate, SAMPLER_LABELS[cfg.model.name], write_grids, reconstruct, encode=encode)
 
     return Family(
         networks=[Network("vae", net, "optimizer", cfg.optim.lr_g)],
-        phases=[Phase("elbo", "vae", elbo)],
+        phases=[Phase("elbo" if variational else "reconstruction", "vae", objective)],
         sampling=sampling,
     )

@@ -1,4 +1,5 @@
 """Convolutional VAE at DCGAN scale: the encoder mirrors the discriminator, the decoder the generator.
+The plain autoencoder (model.name=ae) is the same network with the code z = mu.
 
 The decoder returns unbounded values: Bernoulli logits or Gaussian means, as the likelihood in
 gendist.losses.vae reads them. With learn_sigma, `log_sigma` is the learned decoder std of the
@@ -46,8 +47,9 @@ class ConvVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z.view(z.shape[0], self.z_dim, 1, 1))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reconstruction (decoder output), mu, logvar; z by the reparameterisation trick."""
+    def forward(self, images: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction (decoder output), mu, logvar; z by the reparameterisation trick, or z = mu
+        with `sample` off (the plain autoencoder's deterministic code)."""
         mu, logvar = self.encode(images)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
         return self.decode(z), mu, logvar
