@@ -93,7 +93,7 @@ def save_checkpoint(
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:07d}"
     partial = root / f".step_{step:07d}.partial"
-    refusal = None
+    refusal: tuple[str, str] | None = None
     if accelerator.is_main_process:
         remove_leftovers(root)
         latest = latest_checkpoint(run_dir)
@@ -103,17 +103,21 @@ def save_checkpoint(
             with disk.writing(partial):
                 partial.mkdir(parents=True)
         except disk.OutOfSpace as err:
-            refusal = str(err)
+            refusal = ("space", str(err))
+        except OSError as err:  # said on every rank, not raised on rank 0 alone
+            refusal = ("other", f"cannot start checkpoint {final.name} in {root}: {err}")
     refusal = distributed.broadcast_from_main(accelerator, refusal)
     if refusal:
-        raise disk.OutOfSpace(refusal)
+        raise (disk.OutOfSpace if refusal[0] == "space" else CheckpointError)(refusal[1])
 
-    def write() -> None:
+    def write_own() -> None:
         torch.save({"rng": rng_state(), "state": rank_state or {}}, partial / f"rank{accelerator.process_index}.pt")
-        if write_sharded is not None:
-            write_sharded(partial)
         if accelerator.is_main_process:
             torch.save(shared, partial / "state.pt")
+
+    def write_engines() -> None:  # collective: after write_own succeeded on every rank, all ranks enter it
+        if write_sharded is not None:
+            write_sharded(partial)
 
     def flush() -> None:
         # Once all is written, every rank flushes the files (one client's fsync does not flush another
@@ -122,7 +126,7 @@ def save_checkpoint(
             if path.is_file():
                 fsync(path)
 
-    for stage in (write, flush):  # each followed by a collective: all ranks wrote (flushed), or none goes on
+    for stage in (write_own, write_engines, flush):  # each followed by a collective: all ranks did it, or none goes on
         _write_together(accelerator, stage, partial, final)
     if accelerator.is_main_process:
         for folder in sorted((p for p in partial.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
@@ -149,9 +153,11 @@ def _write_together(accelerator: Accelerator, stage: Callable[[], None], partial
         stage()
     except (OSError, RuntimeError) as err:  # torch's zip writer raises RuntimeError on a full disk
         failure = err
+    # judged before the collective: once rank 0 removes the partial folder, the space is free again
+    full = failure is not None and disk.looks_full(failure, partial.parent)
+    where = disk.filesystem_of(partial.parent) if full else None
     if not distributed.any_rank(accelerator, failure is not None):
         return
-    full = failure is not None and disk.looks_full(failure, partial.parent)
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     removed = f"the unfinished {partial} was removed and the checkpoints before {final.name} are kept"
@@ -159,7 +165,7 @@ def _write_together(accelerator: Accelerator, stage: Callable[[], None], partial
         raise CheckpointError(f"another rank could not write its part of {final.name} (its error is above); {removed}")
     if full:
         raise disk.OutOfSpace(
-            f"writing checkpoint {final.name} failed because the disk is full: {disk.filesystem_of(partial.parent)} "
+            f"writing checkpoint {final.name} failed because the disk is full: {where} "
             f"({type(failure).__name__}: {failure}); {removed}. {_space_remedy(latest_checkpoint(final.parents[1]))}"
         ) from failure
     raise CheckpointError(f"writing checkpoint {final.name} failed ({type(failure).__name__}: {failure}); {removed}")

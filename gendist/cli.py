@@ -1,12 +1,12 @@
-"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, sample, translate, augment, dream,
-compare, sweep and config (every config key, or what a preset changes)."""
+"""The `gendist` command: train, shards (dataset conversion), eval, fid-stats, sample, export, translate, augment,
+dream, compare, sweep and config (every config key, or what a preset changes)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from gendist import augment, config_help, dream, evaluate, sample, sweep, train, translate
+from gendist import augment, config_help, dream, evaluate, export, sample, sweep, train, translate
 from gendist.config import parse_args_with_overrides
 from gendist.data.domains import write_domains
 from gendist.data.shard_references import check_reference, load_reference, write_reference
@@ -197,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_sample_arguments(
         commands.add_parser("sample", help="N generated images of a run as PNG files (any number of ranks)")
     )
+    export.add_export_arguments(
+        commands.add_parser(
+            "export",
+            help="a run's generator (or decoder) as safetensors + JSON, for use without gendist",
+        )
+    )
     dream.add_dream_arguments(
         commands.add_parser("dream", help="Deep Dream: amplify what a layer of a trained network responds to")
     )
@@ -236,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         return dream.run(args)
     if args.command == "sample":
         return sample.run(args)
+    if args.command == "export":
+        return export.run(args)
     try:
         if args.command == "train":
             return train.run(args)

@@ -42,6 +42,7 @@ def filesystem_of(path: str | Path) -> Filesystem:
     path = Path(path).absolute()
     while not path.exists():
         path = path.parent
+    path = path.resolve()  # a symlinked folder lives on its target's filesystem
     mount = path
     while not os.path.ismount(mount):
         mount = mount.parent

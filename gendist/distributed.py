@@ -222,11 +222,11 @@ def set_collective_timeout(seconds: float) -> None:
 
 def run_on_every_rank(command: Callable[[], int], user_errors: tuple[type[Exception], ...]) -> int:
     """Run an entry point's `command` and return its exit code, closing the process group only on
-        success. A user mistake (`user_errors`) is said in one line with exit code 2; any other error
-        prints its traceback tagged with the rank. With several processes a failing rank then exits at
-        once: a barrier or a destructor on the error path would wait for peers that sit in another
-        collective until the group's timeout, and the launcher tears the healthy ranks down only once
-        this one has exited. One process raises as usual. Running out of disk space, wherever it happens,
+    success. A user mistake (`user_errors`) is said in one line with exit code 2; any other error
+    prints its traceback tagged with the rank. With several processes a failing rank then exits at
+    once: a barrier or a destructor on the error path would wait for peers that sit in another
+    collective until the group's timeout, and the launcher tears the healthy ranks down only once
+    this one has exited. One process raises as usual. Running out of disk space, wherever it happens,
     is said in one line (gendist.disk) with exit code 2."""
     try:
         code = command()

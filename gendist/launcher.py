@@ -135,7 +135,10 @@ def deepspeed_precision(path: str) -> list[Offer]:
     Accelerate's, as there)."""
     from accelerate.utils.deepspeed import HfDeepSpeedConfig
 
-    config = HfDeepSpeedConfig(path).config
+    try:
+        config = HfDeepSpeedConfig(path).config
+    except ValueError as err:  # a missing or malformed file
+        raise ConfigError(f"the launcher's DeepSpeed config file {path} cannot be read: {err}") from None
     return [
         Offer(value, f"the DeepSpeed config file {path} ({key}.enabled)")
         for key, value in (("bf16", "bf16"), ("bfloat16", "bf16"), ("fp16", "fp16"))

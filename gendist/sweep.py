@@ -12,6 +12,7 @@ step, which is what ASHA stops on, PBT copies between trials, and a restored swe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import json
@@ -30,6 +31,7 @@ from gendist.checkpoint import checkpoint_root, checkpoint_step, latest_checkpoi
 from gendist.config import ConfigError, load_config, load_into, parse_args_with_overrides, to_yaml
 from gendist.progress import drop_rows_after
 
+FINAL_WRITES_S = 300  # how long a trial's last report waits for its training's final writes
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 
@@ -225,7 +227,8 @@ def _report_new_rows(
         while not (folder / "state.pt").is_file() and proc.poll() is None:  # saved right after the evaluation
             time.sleep(0.2)
         if row["step"] >= last_step:
-            proc.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a hung trainer must not hang the trial
+                proc.wait(timeout=FINAL_WRITES_S)
         metrics = {
             "fid": row["fid"],
             "kid": row["kid"],

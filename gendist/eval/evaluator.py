@@ -154,6 +154,7 @@ class Evaluator:
         self._references: dict[str, ref_cache.Reference] = {}  # by split: eval.split's, a translation target's
         # by split: held-out images and their attributes, or why there are none
         self._held_out: dict[str, tuple[np.ndarray, np.ndarray] | str] = {}
+        self._fit_images: np.ndarray | None = None  # the training images whose codes the ex-post Gaussian fits
         self._training_positives: tuple[np.ndarray, int] | None = None  # per attribute of data.split, of images
         # (source, target) -> the untranslated sources' FID/KID (rank 0; {} elsewhere): they never change
         self._identity: dict[tuple[str, str], dict] = {}
@@ -332,14 +333,16 @@ class Evaluator:
         reference: ref_cache.Reference,
         timer: Timer,
         conditioned_on: list[str] | None = None,
+        judge: bool = True,
     ) -> dict:
         """FID and KID of `eval.num_samples` generated images (rank 0), their precision and recall
-        (eval.pr_k), and with a judge (eval.classifier) the face-feature scores (JUDGE_PROTOCOL)."""
+        (eval.pr_k), and with a judge (eval.classifier; `judge` off leaves it out) the face-feature
+        scores (JUDGE_PROTOCOL)."""
         ev = self.cfg.eval
         noise = torch.randn(ev.num_samples, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(ev.seed))
         label_rows = np.arange(ev.num_samples) % reference.count
         labels = torch.from_numpy(reference.attrs[label_rows]).float()
-        judged = JudgedSets(self.judge, self.accelerator) if self.judge else None
+        judged = JudgedSets(self.judge, self.accelerator) if self.judge and judge else None
 
         def produce(i: int, stop: int) -> tuple[torch.Tensor]:
             with timer.phase("generate"), torch.no_grad():
@@ -368,7 +371,7 @@ class Evaluator:
         def from_fitted(z: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
             return generate(mean + z @ factor.T, attrs)
 
-        scored = self._generated(from_fitted, reference, timer)
+        scored = self._generated(from_fitted, reference, timer, judge=False)
         row = {
             f"{key}_fitted": scored[key] for key in ("fid", "kid", "kid_std", "precision", "recall") if key in scored
         }
@@ -379,7 +382,10 @@ class Evaluator:
         """Mean and Cholesky factor of the codes of the first eval.num_real images of data.split,
         encoded across the ranks and summed in float64."""
         ev = self.cfg.eval
-        images, _, _ = read_in_order(self.shard_dir, self.cfg.data.split, self.cfg.model.image_size, ev.num_real)
+        if self._fit_images is None:  # read once per process, as the held-out images are
+            split, size = self.cfg.data.split, self.cfg.model.image_size
+            self._fit_images = read_in_order(self.shard_dir, split, size, ev.num_real)[0]
+        images = self._fit_images
         start, end = self._share(len(images))
         z_dim = self.cfg.model.z_dim
         sums = torch.zeros(z_dim + 1, z_dim, dtype=torch.float64, device=self.device)  # row 0: the sum; then x'x

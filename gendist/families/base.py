@@ -131,6 +131,28 @@ class Sampling:
 
 
 @dataclass
+class Export:
+    """How a family's sampling network is rebuilt without gendist's training code (gendist export):
+    the checkpointed network, its class (a plain module of gendist.models) and constructor
+    arguments, the method that maps codes z (and a conditional generator's 0/1 labels) to its
+    output, and what turns that output into images in [-1, 1]."""
+
+    network: str
+    module: type[nn.Module]
+    kwargs: dict[str, Any]
+    method: str = "forward"
+    output: str = "images"  # "images": in [-1, 1] already; "sigmoid": logits; "clamp": Gaussian means
+    labels: list[str] | None = None  # a conditional generator's label columns, by attribute name
+
+
+def exported_images(output: torch.Tensor, kind: str) -> torch.Tensor:
+    """An exported network's output as images in [-1, 1] (Export.output)."""
+    if kind == "sigmoid":
+        return torch.sigmoid(output.float()) * 2 - 1
+    return output.float().clamp(-1, 1)
+
+
+@dataclass
 class Family:
     networks: list[Network]
     phases: list[Phase]
@@ -143,6 +165,7 @@ class Family:
     # the named data streams, name -> split, each with its own position (None: one stream, "train",
     # of data.split); a phase reads one with ctx.next_batch(name)
     streams: dict[str, str] | None = None
+    export: Export | None = None  # noise-driven samplers: what gendist export writes
 
 
 def fixed_real_batch(spec: StreamSpec, count: int) -> torch.Tensor:

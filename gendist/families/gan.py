@@ -17,6 +17,7 @@ from torchvision.utils import save_image
 from gendist.config import ConfigError, RunConfig
 from gendist.engines import for_input_gradients
 from gendist.families.base import (
+    Export,
     Family,
     FamilyInputs,
     Generate,
@@ -44,21 +45,27 @@ def attribute_columns(wanted: list[str], available: list[str]) -> list[int]:
     return [available.index(name) for name in wanted]
 
 
+def generator_spec(cfg: RunConfig, num_labels: int) -> tuple[type[nn.Module], dict]:
+    """The generator's class and constructor arguments (what gendist export records)."""
+    m = cfg.model
+    sizes = {"z_dim": m.z_dim, "ngf": m.ngf, "image_size": m.image_size}
+    if m.name == "gan":
+        return FullyConnectedGenerator, sizes
+    if m.name == "cgan":
+        return ConditionalGenerator, {"num_labels": num_labels, "label_dim": m.label_dim, **sizes}
+    return Generator, sizes
+
+
 def build_networks(cfg: RunConfig, num_labels: int) -> tuple[nn.Module, nn.Module]:
     m = cfg.model
+    generator_class, kwargs = generator_spec(cfg, num_labels)
     if m.name == "gan":
-        networks = (
-            FullyConnectedGenerator(m.z_dim, m.ngf, m.image_size),
-            FullyConnectedDiscriminator(m.ndf, m.image_size),
-        )
+        critic = FullyConnectedDiscriminator(m.ndf, m.image_size)
     elif m.name == "cgan":
-        networks = (
-            ConditionalGenerator(num_labels, m.z_dim, m.label_dim, m.ngf, m.image_size),
-            ConditionalDiscriminator(num_labels, m.ndf, m.image_size, m.d_norm),
-        )
+        critic = ConditionalDiscriminator(num_labels, m.ndf, m.image_size, m.d_norm)
     else:
-        networks = Generator(m.z_dim, m.ngf, m.image_size), Discriminator(m.ndf, m.image_size, norm=m.d_norm)
-    return in_memory_format(networks[0], cfg), in_memory_format(networks[1], cfg)
+        critic = Discriminator(m.ndf, m.image_size, norm=m.d_norm)
+    return in_memory_format(generator_class(**kwargs), cfg), in_memory_format(critic, cfg)
 
 
 def call(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -184,4 +191,9 @@ def declare(inputs: FamilyInputs) -> Family:
         ],
         sampling=sampling,
         notes=notes,
+        export=Export(
+            "generator",
+            *generator_spec(cfg, len(columns)),
+            labels=[inputs.attribute_names[c] for c in columns] if columns else None,
+        ),
     )

@@ -19,6 +19,7 @@ from torchvision.utils import save_image
 
 from gendist.config import RunConfig
 from gendist.families.base import (
+    Export,
     Family,
     FamilyInputs,
     Network,
@@ -44,17 +45,15 @@ def kl_weight(cfg: RunConfig, step: int) -> float:
     return cfg.vae.beta * (min(1.0, step / warmup) if warmup > 0 else 1.0)
 
 
+def vae_kwargs(cfg: RunConfig) -> dict:
+    """ConvVAE's constructor arguments (what gendist export records)."""
+    m = cfg.model
+    learn_sigma = cfg.vae.likelihood == "gaussian_learned"
+    return {"z_dim": m.z_dim, "ngf": m.ngf, "ndf": m.ndf, "image_size": m.image_size, "learn_sigma": learn_sigma}
+
+
 def build_vae(cfg: RunConfig) -> ConvVAE:
-    return in_memory_format(
-        ConvVAE(
-            cfg.model.z_dim,
-            cfg.model.ngf,
-            cfg.model.ndf,
-            cfg.model.image_size,
-            learn_sigma=cfg.vae.likelihood == "gaussian_learned",
-        ),
-        cfg,
-    )
+    return in_memory_format(ConvVAE(**vae_kwargs(cfg)), cfg)
 
 
 def declare(inputs: FamilyInputs) -> Family:
@@ -115,4 +114,8 @@ def declare(inputs: FamilyInputs) -> Family:
         networks=[Network("vae", net, "optimizer", cfg.optim.lr_g)],
         phases=[Phase("elbo" if variational else "reconstruction", "vae", objective)],
         sampling=sampling,
+        # the whole autoencoder: decode(z) samples, and its encoder maps faces to codes
+        export=Export(
+            "vae", ConvVAE, vae_kwargs(cfg), "decode", "sigmoid" if vae_cfg.likelihood == "bernoulli" else "clamp"
+        ),
     )

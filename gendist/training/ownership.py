@@ -75,6 +75,7 @@ def owned(run_dir: Path) -> Iterator[str | None]:
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # never truncated before the lock: it names the owner
     try:
+        unlockable = None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -86,10 +87,11 @@ def owned(run_dir: Path) -> Iterator[str | None]:
                 ) from None
             if err.errno not in NO_LOCKING:
                 raise
+            unlockable = os.strerror(err.errno)
+        if unlockable is not None:
             yield (
-                f"warning: the filesystem of {run_dir} cannot lock files ({os.strerror(err.errno)}), so nothing "
-                "stops a second job from writing into this run folder at the same time (on Lustre, mount with "
-                "-o flock)"
+                f"warning: the filesystem of {run_dir} cannot lock files ({unlockable}), so nothing stops a "
+                "second job from writing into this run folder at the same time (on Lustre, mount with -o flock)"
             )
             return
         os.ftruncate(fd, 0)

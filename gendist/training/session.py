@@ -85,6 +85,8 @@ class Session:
                     warning = held.enter_context(ownership.owned(self.run_dir))
                 except ownership.RunFolderBusy as err:
                     refusal = str(err)
+                except OSError as err:  # said on every rank, not raised on rank 0 alone
+                    refusal = f"cannot take the lock of {self.run_dir}: {err}"
                 else:
                     if warning:
                         print(warning, flush=True)
