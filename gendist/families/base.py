@@ -146,7 +146,8 @@ class Export:
 
 
 def exported_images(output: torch.Tensor, kind: str) -> torch.Tensor:
-    """An exported network's output as images in [-1, 1] (Export.output)."""
+    """A sampling network's output as images in [-1, 1] (Export.output): the same transform for the
+    family's own sampling and for an export."""
     if kind == "sigmoid":
         return torch.sigmoid(output.float()) * 2 - 1
     return output.float().clamp(-1, 1)

@@ -27,10 +27,11 @@ from gendist.families.base import (
     Sampling,
     Stats,
     StepContext,
+    exported_images,
     fixed_real_batch,
     in_memory_format,
 )
-from gendist.losses.vae import decoded_images, kl_standard_normal, reconstruction_nll
+from gendist.losses.vae import kl_standard_normal, reconstruction_nll
 from gendist.models.vae import ConvVAE
 
 SAMPLER_LABELS = {
@@ -62,6 +63,8 @@ def declare(inputs: FamilyInputs) -> Family:
     net = build_vae(cfg)
 
     variational = cfg.model.name == "vae"
+    # the decoder's output as images in [-1, 1]: the mean of p(x | z) (Bernoulli logits, or Gaussian means)
+    output = "sigmoid" if vae_cfg.likelihood == "bernoulli" else "clamp"
 
     def objective(ctx: StepContext) -> tuple[torch.Tensor, Stats]:
         """The VAE's negative ELBO, or the autoencoder's reconstruction NLL of its deterministic code."""
@@ -88,13 +91,13 @@ def declare(inputs: FamilyInputs) -> Family:
         device = next(model.parameters()).device
 
         def generate(z: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:  # attributes unused
-            return decoded_images(model.decode(z), vae_cfg.likelihood)
+            return exported_images(model.decode(z), output)
 
         def encode(images: torch.Tensor) -> torch.Tensor:
             return model.encode(images)[0]
 
         def reconstruct(images: torch.Tensor) -> torch.Tensor:
-            return decoded_images(model.decode(encode(images)), vae_cfg.likelihood)
+            return exported_images(model.decode(encode(images)), output)
 
         def write_grids(folder: Path, step: int) -> None:
             if not originals:
@@ -115,7 +118,5 @@ def declare(inputs: FamilyInputs) -> Family:
         phases=[Phase("elbo" if variational else "reconstruction", "vae", objective)],
         sampling=sampling,
         # the whole autoencoder: decode(z) samples, and its encoder maps faces to codes
-        export=Export(
-            "vae", ConvVAE, vae_kwargs(cfg), "decode", "sigmoid" if vae_cfg.likelihood == "bernoulli" else "clamp"
-        ),
+        export=Export("vae", ConvVAE, vae_kwargs(cfg), "decode", output),
     )

@@ -40,10 +40,3 @@ def reconstruction_nll(
     else:
         raise ValueError(f"unknown likelihood {likelihood!r}; use bernoulli, gaussian or gaussian_learned")
     return nll.flatten(start_dim=1).sum(dim=1).mean()
-
-
-def decoded_images(decoded: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """The decoder's output as images in [-1, 1] (the mean of p(x | z))."""
-    if likelihood == "bernoulli":
-        return torch.sigmoid(decoded.float()) * 2 - 1
-    return decoded.float().clamp(-1, 1)
